@@ -1,0 +1,203 @@
+"""Typed config schemas, registered in Hydra's ConfigStore.
+
+Every YAML file under `conf/` is merged onto these dataclasses, so a misspelled key, an unknown option or
+a value of the wrong type (`trainer.max_steps=abc`) fails at compose time with Hydra's message, before
+any work starts. Choices that must come from a fixed set are checked in `validate` for the same reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # transformer | fwm (token mixer of every block)
+    n_layer: int = 4
+    d_model: int = 256
+    n_head: int = 4
+    d_head: int = 64
+    d_inner: int = 1024
+    dropout: float = 0.1
+    dropatt: float = 0.0
+    pre_lnorm: bool = False
+    tie_weight: bool = True
+    pos_emb: bool = True  # sinusoidal absolute positions added to the embedding
+    init_std: float = 0.02
+    proj_init_std: float = 0.01
+    # fast weights: pass each layer's state (detached) to the next segment, as the seed's
+    # carry_over_fast_weight; reset at every epoch and every evaluation
+    carry_over: bool = False
+
+
+@dataclass
+class UpdateRuleConfig:
+    name: str = "delta"  # sum | delta
+    impl: str = "auto"  # recurrent | chunk | cuda | auto
+    qk_norm: str = "sum"  # sum (the paper's) | l2 (DeltaNet's) | none
+    attn_norm: bool = True  # divide the read-out by z_t . q_t (off = the seed's skip_attn_normalization)
+    normalized_retrieval: bool = False  # delta rule reads the old value with the normaliser (seed's 44-46)
+    eps: float = 1e-5
+
+
+@dataclass
+class FeatureMapConfig:
+    name: str = "elu"  # elu | favor | dpfp | identity | relu
+    nu: int = 1  # dpfp: d_dot = 2 * nu * d_head
+    n_features: int = 16  # favor: m random features, d_dot = 2 * m
+    redraw: str = "every_forward"  # favor: every_forward | every_n | fixed
+    redraw_interval: int = 1000  # favor with redraw=every_n: training forwards between redraws
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "ptb"
+    data_dir: str | None = None  # None: $LMTOOL_DATA or ~/.cache/lmtool/data
+    cache_dir: str | None = None  # None: $LMTOOL_CACHE or ~/.cache/lmtool
+    min_freq: int = 1
+    max_size: int | None = None
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adam"  # adam | adamw | sgd | adagrad
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.0  # sgd
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = "cosine"  # cosine | inv_sqrt | constant | dev_perf
+    warmup_steps: int = 0
+    eta_min: float = 0.0  # cosine: final learning rate
+    decay_rate: float = 0.5  # dev_perf: factor applied when valid loss stops improving
+    patience: int = 0  # dev_perf: evaluations without improvement before decaying
+    min_lr: float = 0.0  # dev_perf: floor
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "default"  # default (train.log + metrics.jsonl) | wandb (also a wandb run)
+    project: str = "lmtool"
+    entity: str | None = None
+    group: str | None = None
+    mode: str = "offline"  # offline | online | disabled
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 2000
+    batch_size: int = 32
+    tgt_len: int = 128
+    eval_tgt_len: int | None = None  # None: tgt_len
+    eval_batch_size: int = 16
+    eval_interval: int = 500
+    eval_max_segments: int | None = None  # cap on periodic validation; final evaluation is always full
+    log_interval: int = 50
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    clip: float = 0.25
+    batch_chunk: int = 1  # gradient accumulation: split each batch into this many chunks
+    varlen: bool = False
+    num_threads: int = 0  # torch intra-op threads on CPU; 0 keeps torch's default
+    resume: str | None = None  # checkpoint path; by default a run resumes from <run dir>/checkpoints/last.pt
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    update_rule: UpdateRuleConfig = field(default_factory=UpdateRuleConfig)
+    feature_map: FeatureMapConfig = field(default_factory=FeatureMapConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    seed: int = 1111
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str = MISSING
+    split: str = "test"  # valid | test
+    mode: str = "segment"  # segment | carry
+    tgt_len: int | None = None  # None: the training run's evaluation length
+    batch_size: int = 16
+    device: str = "auto"
+
+
+@dataclass
+class PrepareConfig:
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.name": ("transformer", "fwm"),
+    "update_rule.name": ("sum", "delta"),
+    "update_rule.impl": ("auto", "recurrent", "chunk", "cuda"),
+    "update_rule.qk_norm": ("sum", "l2", "none"),
+    "feature_map.name": ("elu", "favor", "dpfp", "identity", "relu"),
+    "feature_map.redraw": ("every_forward", "every_n", "fixed"),
+    "optimizer.name": ("adam", "adamw", "sgd", "adagrad"),
+    "scheduler.name": ("cosine", "inv_sqrt", "constant", "dev_perf"),
+    "logger.name": ("default", "wandb"),
+    "logger.mode": ("offline", "online", "disabled"),
+    "trainer.device": ("auto", "cpu", "cuda"),
+    "trainer.precision": ("fp32", "bf16", "fp16"),
+    "split": ("valid", "test"),
+    "mode": ("segment", "carry"),
+    "device": ("auto", "cpu", "cuda"),
+}
+
+
+class ConfigError(ValueError):
+    """A config value that composes but cannot be used; the message says which key and what to do."""
+
+
+def _lookup(cfg: Any, dotted: str) -> Any:
+    node = cfg
+    for part in dotted.split("."):
+        if not hasattr(node, part) and not (hasattr(node, "__contains__") and part in node):
+            return None
+        node = node[part] if hasattr(node, "__getitem__") else getattr(node, part)
+    return node
+
+
+def validate(cfg: Any) -> None:
+    """Check choices and ranges that the type system cannot, raising ConfigError with a one-line reason."""
+    for key, allowed in CHOICES.items():
+        value = _lookup(cfg, key)
+        if value is not None and value not in allowed:
+            raise ConfigError(f"{key}={value} is not one of {', '.join(allowed)}")
+    trainer = _lookup(cfg, "trainer")
+    if trainer is not None:
+        for key in ("max_steps", "batch_size", "tgt_len", "eval_interval", "log_interval", "batch_chunk"):
+            if trainer[key] < 1:
+                raise ConfigError(f"trainer.{key} must be at least 1, got {trainer[key]}")
+        if trainer.batch_size % trainer.batch_chunk:
+            raise ConfigError(
+                f"trainer.batch_size={trainer.batch_size} is not divisible by "
+                f"trainer.batch_chunk={trainer.batch_chunk}"
+            )
+    model = _lookup(cfg, "model")
+    if model is not None and model.name == "fwm" and model.carry_over and model.pos_emb:
+        raise ConfigError(
+            "model.carry_over=true needs model.pos_emb=false: absolute positions restart at every segment "
+            "while the carried fast weights do not"
+        )
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    cs.store(name="base_eval", node=EvalConfig)
+    cs.store(name="base_prepare", node=PrepareConfig)

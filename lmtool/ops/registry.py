@@ -1,0 +1,135 @@
+"""Registry of the forms ("impls") of each fast-weight op, input checks and dispatch.
+
+Every form of one op has the same signature, so a new form (e.g. native CUDA kernels) only needs
+``register_impl(op, name, fn, devices=..., priority=...)``; ``impl="auto"`` then picks the available
+form with the highest priority for the inputs' device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class _Impl:
+    fn: Callable
+    devices: tuple[str, ...] | None  # None: any device type
+    priority: int  # "auto" picks the highest available
+
+
+_REGISTRY: dict[str, dict[str, _Impl]] = {}
+
+
+def register_impl(
+    op: str,
+    name: str,
+    fn: Callable,
+    *,
+    devices: tuple[str, ...] | None = None,
+    priority: int = 0,
+) -> None:
+    """Register ``fn`` as form ``name`` of ``op`` ("delta_rule", "sum_rule").
+
+    ``fn`` takes the op's exact signature without ``impl``. ``devices`` limits the device types
+    (``("cuda",)``) it runs on; ``None`` means any. Re-registering a name replaces it.
+    """
+    if name == AUTO:
+        raise ValueError(f"'{AUTO}' is reserved and cannot be registered as an impl")
+    _REGISTRY.setdefault(op, {})[name] = _Impl(fn, devices, priority)
+
+
+def available_impls(op: str, device: torch.device | str | None = None) -> list[str]:
+    """Names of the forms of ``op`` that run on ``device`` (all registered ones if None), best first."""
+    impls = _REGISTRY.get(op, {})
+    dev_type = None if device is None else torch.device(device).type
+    names = [n for n, i in impls.items() if dev_type is None or i.devices is None or dev_type in i.devices]
+    return sorted(names, key=lambda n: -impls[n].priority)
+
+
+def resolve_impl(op: str, impl: str, device: torch.device) -> Callable:
+    """The function for ``impl`` (or the best available one for ``"auto"``) on ``device``."""
+    impls = _REGISTRY.get(op, {})
+    if impl == AUTO:
+        names = available_impls(op, device)
+        if not names:
+            raise ValueError(f"{op}: no impl available for device type '{device.type}'")
+        return impls[names[0]].fn
+    if impl not in impls:
+        known = ", ".join([AUTO, *impls])
+        raise ValueError(f"{op}: unknown impl '{impl}'; choose one of: {known}")
+    entry = impls[impl]
+    if entry.devices is not None and device.type not in entry.devices:
+        raise ValueError(
+            f"{op}: impl '{impl}' runs on {'/'.join(entry.devices)}, not on '{device.type}'; "
+            f"use impl='auto' or one of: {', '.join(available_impls(op, device))}"
+        )
+    return entry.fn
+
+
+def check_inputs(
+    op: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor | None,
+    initial_state: torch.Tensor | None,
+) -> None:
+    """Raise a one-line ValueError unless the shapes, dtypes and devices follow the ops contract."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{op}: {name} must be a 4-D tensor [B, H, L, D], got {shape}")
+        if not x.is_floating_point():
+            raise ValueError(f"{op}: {name} must be a floating point tensor, got {x.dtype}")
+    B, H, L, Dk = q.shape
+    Dv = v.shape[-1]
+    if k.shape != q.shape:
+        raise ValueError(f"{op}: k must have q's shape {tuple(q.shape)} [B, H, L, Dk], got {tuple(k.shape)}")
+    if v.shape[:3] != (B, H, L):
+        raise ValueError(f"{op}: v must have shape [B, H, L, Dv] = [{B}, {H}, {L}, Dv], got {tuple(v.shape)}")
+    extra = [("v", v)]
+    if op == "delta_rule":
+        if not isinstance(beta, torch.Tensor) or tuple(beta.shape) != (B, H, L):
+            got = tuple(beta.shape) if isinstance(beta, torch.Tensor) else type(beta).__name__
+            raise ValueError(f"{op}: beta must have shape [B, H, L] = [{B}, {H}, {L}], got {got}")
+        if not beta.is_floating_point():
+            raise ValueError(f"{op}: beta must be a floating point tensor, got {beta.dtype}")
+        extra.append(("beta", beta))
+    if initial_state is not None:
+        if not isinstance(initial_state, torch.Tensor) or tuple(initial_state.shape) != (B, H, Dk, Dv):
+            got = tuple(initial_state.shape) if isinstance(initial_state, torch.Tensor) else "non-tensor"
+            raise ValueError(
+                f"{op}: initial_state must have shape [B, H, Dk, Dv] = [{B}, {H}, {Dk}, {Dv}], got {got}"
+            )
+        if not initial_state.is_floating_point():
+            raise ValueError(f"{op}: initial_state must be floating point, got {initial_state.dtype}")
+        extra.append(("initial_state", initial_state))
+    for name, x in [("k", k), *extra]:
+        if x.device != q.device:
+            raise ValueError(f"{op}: {name} is on {x.device} but q is on {q.device}; put all inputs on one device")
+
+
+def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """float64 if any input is float64, else float32: the state is never kept in half precision."""
+    if any(t is not None and t.dtype == torch.float64 for t in tensors):
+        return torch.float64
+    return torch.float32
+
+
+def empty_sequence(
+    q: torch.Tensor, v: torch.Tensor, initial_state: torch.Tensor | None, output_final_state: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Result for L = 0: no output tokens and the initial state (zeros if None) as the final state."""
+    B, H, _, Dk = q.shape
+    o = q.new_empty(B, H, 0, v.shape[-1])
+    if not output_final_state:
+        return o, None
+    dtype = compute_dtype(q, v, initial_state)
+    if initial_state is None:
+        return o, q.new_zeros(B, H, Dk, v.shape[-1], dtype=dtype)
+    return o, initial_state.to(dtype) + 0  # a fresh tensor that still carries the gradient

@@ -1,0 +1,3 @@
+from lmtool.train import main
+
+main()
