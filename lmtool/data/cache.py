@@ -35,6 +35,7 @@ CACHE_FORMAT_VERSION = 1
 _DIGEST_MEMO = "source-digests.json"
 _RACY_NS = 3_000_000_000  # files modified this recently are hashed every time, never memoised
 _CHUNK = 1 << 20
+_FILE_MODE = 0o644  # mkstemp creates 0600; a cache shared by a group's jobs must be readable
 
 
 def default_cache_dir() -> Path:
@@ -92,6 +93,7 @@ def save_payload(path: Path, payload: Mapping[str, Any]) -> None:
             torch.save(dict(payload), f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -129,6 +131,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

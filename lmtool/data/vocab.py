@@ -67,7 +67,7 @@ class Vocab:
             key=lambda item: (-item[1], item[0]),
         )
         kept = [sym for sym, _ in ranked]
-        limit = len(head) + len(kept) if max_size is None else max_size
+        limit = len(head) + len(kept) + 1 if max_size is None else max_size
         if unk is not None and unk not in taken and unk not in kept[: limit - len(head)]:
             # unk was never seen or was cut by min_freq/max_size: it takes a reserved slot after specials
             head.append(unk)

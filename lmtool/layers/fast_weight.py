@@ -1,0 +1,167 @@
+"""Fast weight attention: linear attention as a fast weight programmer (the seed's attn_type 24-26,
+34-36 and 44-46).
+
+Schlag, Irie & Schmidhuber (2021), "Linear Transformers Are Secretly Fast Weight Programmers",
+arXiv 2102.11174. The update rule itself (sum or delta) is an op of `lmtool.ops`; this layer adds the
+projections, the feature map, key/query normalisation, the attention normaliser and the output projection.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lmtool.ops import delta_rule, sum_rule
+
+UPDATE_RULES = ("sum", "delta")
+QK_NORMS = ("sum", "l2", "none")
+
+FastWeightState = tuple[torch.Tensor, torch.Tensor | None]
+
+
+class FastWeightAttention(nn.Module):
+    """Multi-head fast weight attention with the sum or delta update rule.
+
+    Token mixer interface shared by every attention layer: `forward(x [B, L, d_model], state, return_state)`
+    returns `(y [B, L, d_model], new_state)`. Per head, from bias-free projections of x:
+        q, k, v = W_q x, W_k x, W_v x;  beta = sigmoid(W_beta x) (delta rule only)
+        phi_q, phi_k = norm(phi(q)), norm(phi(k))      phi = `feature_map`, norm = `qk_norm`:
+            "sum": phi / sum(phi) (the paper's default for the delta rule), "l2": phi / |phi| (DeltaNet),
+            "none"; both denominators are floored at `eps` (only an all-zero phi, e.g. DPFP, hits it)
+        S_t = sum or delta update of S_{t-1} with (phi_k_t, v_t, beta_t)        (`lmtool.ops`)
+        o_t = S_t^T phi_q_t / sqrt(d_head)
+        z_t = z_0 + sum_{j<=t} phi_k_j;  o_t <- o_t / (z_t . phi_q_t + eps)     if `attn_norm`
+        y = dropout(W_o concat_h o)
+    Residual and LayerNorm live in the block.
+
+    Scale and normaliser: as in the paper's code, 1/sqrt(d_head) scales the read-out, i.e. the numerator
+    only (it is passed to the op as its output scale), while the normaliser uses the unscaled phi_q. Folding
+    the scale into phi_q instead would cancel in the ratio (up to eps) and change the model.
+
+    Normalised retrieval (`normalized_retrieval`, delta rule; the seed's attn_type 44-46): the value to be
+    replaced is read with the normaliser, v_bar_t = S_{t-1}^T phi_k_t / d_t, d_t = z_{t-1} . phi_k_t + eps,
+    u_t = beta_t (v_t - v_bar_t). Since d_t depends on keys only, u_t = (beta_t / d_t)(d_t v_t - S^T phi_k_t),
+    which is the plain delta op with beta' = beta / d and v' = d v. This form is well conditioned for
+    non-negative feature maps: every k_j stored in S is also in z, so beta'_t (phi_k_t . phi_k_j) <= beta_t
+    in the op's triangular solve, and the one large beta' (the first token from a zero state, d = eps)
+    multiplies S_0^T phi_k = 0, while beta' v' = beta v is formed from two well-rounded factors. (The seed
+    instead rescaled the write key, k' = k / d, beta' = beta d, which puts 1 / d into the solve.)
+    z_{t-1} . phi_k_t is floored at 0 before adding eps, so d_t >= eps; it requires a non-negative map.
+
+    State: `(S [B, H, d_dot, d_head], z [B, H, d_dot])`, float32 (float64 for float64 inputs); z is None
+    when neither `attn_norm` nor `normalized_retrieval` needs it. `state=None` starts from zeros; the new
+    state is returned only when `return_state` (z_T = z_0 + sum_t phi_k_t). The caller detaches it.
+    The fast-weight math runs in float32 even under bf16/fp16 autocast; the read-out is cast back to the
+    projections' dtype before the output projection.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_head: int,
+        d_head: int,
+        dropout: float,
+        *,
+        update_rule: str = "delta",
+        feature_map: nn.Module,
+        qk_norm: str = "sum",
+        attn_norm: bool = True,
+        normalized_retrieval: bool = False,
+        eps: float = 1e-5,
+        impl: str = "auto",
+    ) -> None:
+        super().__init__()
+        if update_rule not in UPDATE_RULES:
+            raise ValueError(f"unknown update rule {update_rule!r}; choose one of {UPDATE_RULES}")
+        if qk_norm not in QK_NORMS:
+            raise ValueError(f"unknown qk_norm {qk_norm!r}; choose one of {QK_NORMS}")
+        if normalized_retrieval and update_rule != "delta":
+            raise ValueError("normalized_retrieval applies to the delta rule only; set update_rule=delta")
+        if normalized_retrieval and not getattr(feature_map, "nonnegative", False):
+            raise ValueError(
+                "normalized_retrieval divides by z . phi(k) and needs a non-negative feature map "
+                "(elu, favor, dpfp, relu)"
+            )
+        self.n_head, self.d_head = n_head, d_head
+        self.update_rule, self.qk_norm, self.attn_norm = update_rule, qk_norm, attn_norm
+        self.normalized_retrieval, self.eps, self.impl = normalized_retrieval, eps, impl
+        self.scale = d_head**-0.5
+        self.feature_map = feature_map
+        self.d_dot: int = feature_map.d_dot
+        self.qkv = nn.Linear(d_model, 3 * n_head * d_head, bias=False)
+        self.beta = nn.Linear(d_model, n_head, bias=False) if update_rule == "delta" else None
+        self.out = nn.Linear(n_head * d_head, d_model, bias=False)
+        self.drop = nn.Dropout(dropout)
+
+    @property
+    def carries_z(self) -> bool:
+        """Whether the state carries the key sum z (needed by the normaliser or normalised retrieval)."""
+        return self.attn_norm or self.normalized_retrieval
+
+    def extra_repr(self) -> str:
+        return (
+            f"n_head={self.n_head}, d_head={self.d_head}, d_dot={self.d_dot}, "
+            f"update_rule={self.update_rule}, qk_norm={self.qk_norm}, attn_norm={self.attn_norm}, "
+            f"normalized_retrieval={self.normalized_retrieval}, impl={self.impl}"
+        )
+
+    def _normalize(self, phi: torch.Tensor) -> torch.Tensor:
+        if self.qk_norm == "sum":
+            return phi / phi.sum(-1, keepdim=True).clamp_min(self.eps)
+        if self.qk_norm == "l2":
+            return phi / phi.norm(dim=-1, keepdim=True).clamp_min(self.eps)
+        return phi
+
+    def _initial_state(
+        self, state: FastWeightState | None, B: int, dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if state is None:
+            S0 = torch.zeros(B, self.n_head, self.d_dot, self.d_head, dtype=dtype, device=device)
+            z0 = S0.new_zeros(B, self.n_head, self.d_dot) if self.carries_z else None
+            return S0, z0
+        S0, z0 = state
+        if self.carries_z and z0 is None:
+            raise ValueError(
+                "the carried fast weight state has no key sum z, which attn_norm/normalized_retrieval "
+                "needs; pass a state produced by a layer with the same options"
+            )
+        return S0.to(dtype), (z0.to(dtype) if self.carries_z else None)
+
+    def forward(
+        self, x: torch.Tensor, state: FastWeightState | None = None, return_state: bool = False
+    ) -> tuple[torch.Tensor, FastWeightState | None]:
+        B, L, _ = x.shape
+        H, D = self.n_head, self.d_head
+        q, k, v = self.qkv(x).view(B, L, 3, H, D).permute(2, 0, 3, 1, 4)  # each [B, H, L, D]
+        beta_logits = self.beta(x).transpose(1, 2) if self.beta is not None else None  # [B, H, L]
+        out_dtype = v.dtype
+        dtype = torch.promote_types(v.dtype, torch.float32)
+        with torch.autocast(x.device.type, enabled=False):
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+            # one call for q and k so that a random feature map uses one projection for both
+            phi_q, phi_k = self._normalize(self.feature_map(torch.stack([q, k]))).unbind(0)
+            S0, z0 = self._initial_state(state, B, dtype, x.device)
+            z = None if z0 is None else z0.unsqueeze(2) + torch.cumsum(phi_k, dim=2)  # z_t, [B, H, L, d_dot]
+            if self.update_rule == "sum":
+                o, S = sum_rule(
+                    phi_q, phi_k, v, scale=self.scale, initial_state=S0,
+                    output_final_state=return_state, impl=self.impl,
+                )  # fmt: skip
+            else:
+                beta = torch.sigmoid(beta_logits.to(dtype))
+                if self.normalized_retrieval:
+                    z_prev = torch.cat([z0.unsqueeze(2), z[:, :, :-1]], dim=2)  # z_{t-1}
+                    d = (z_prev * phi_k).sum(-1).clamp_min(0.0) + self.eps  # [B, H, L]
+                    beta, v = beta / d, v * d.unsqueeze(-1)
+                o, S = delta_rule(
+                    phi_q, phi_k, v, beta, scale=self.scale, initial_state=S0,
+                    output_final_state=return_state, impl=self.impl,
+                )  # fmt: skip
+            if self.attn_norm:
+                o = o / ((z * phi_q).sum(-1, keepdim=True) + self.eps)
+        o = o.transpose(1, 2).reshape(B, L, H * D).to(out_dtype)
+        y = self.drop(self.out(o))
+        if not return_state:
+            return y, None
+        z_last = None if z0 is None else z0 + phi_k.sum(dim=2)
+        return y, (S, z_last)

@@ -1,0 +1,206 @@
+"""Delta-rule fast-weight update: the fast weight programmer that corrects what it stored.
+
+Schlag, Irie & Schmidhuber (2021), "Linear Transformers Are Secretly Fast Weight Programmers",
+arXiv:2102.11174, Sec. 4.2. The chunkwise form is the WY/UT-transform algorithm of Yang, Wang, Zhang,
+Shen & Kim (2024), "Parallelizing Linear Transformers with the Delta Rule over Sequence Length",
+arXiv:2406.06484. The math and the derivation of both passes are in ``lmtool/ops/README.md``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from lmtool.ops.chunking import addmm_, from_chunks, mT, to_chunks
+from lmtool.ops.registry import check_inputs, compute_dtype, empty_sequence, register_impl, resolve_impl
+
+OP = "delta_rule"
+DEFAULT_CHUNK_SIZE = 64  # the fastest of 32/64/128 in scripts/bench_ops.py (docs/ops_benchmark.md)
+
+
+def delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    scale: float = 1.0,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Delta-rule fast weights, Schlag et al. 2021 (arXiv:2102.11174), eq. 23-26 (without the feature map).
+
+    Per batch element and head, with state ``S`` of shape ``[Dk, Dv]``::
+
+        u_t = beta_t * (v_t - S_{t-1}^T k_t)     (new value minus the value currently stored under k_t)
+        S_t = S_{t-1} + k_t u_t^T
+        o_t = scale * S_t^T q_t                   (step t is included)
+
+    The op applies no feature map, normalisation or sigmoid: pass ``beta`` in (0, 1) and normalised keys
+    for a stable recurrence.
+
+    Args:
+        q, k: ``[B, H, L, Dk]`` queries and keys.
+        v: ``[B, H, L, Dv]`` values.
+        beta: ``[B, H, L]`` learning rates (write strengths).
+        scale: output scale (default 1.0).
+        initial_state: ``[B, H, Dk, Dv]`` state before step 1; ``None`` (default) means zeros.
+        output_final_state: also return the state after step L (default False).
+        impl: ``"recurrent"`` (step loop, the reference), ``"chunk"`` (chunkwise parallel, WY/UT form) or
+            ``"auto"`` (default: the fastest form registered for the device).
+
+    Returns:
+        ``(o, final_state)``: ``o`` is ``[B, H, L, Dv]`` in q's dtype; ``final_state`` is
+        ``[B, H, Dk, Dv]`` float32 (float64 if an input is float64), or None unless requested.
+        Half-precision inputs are computed in float32. Gradients flow to q, k, v, beta and initial_state.
+    """
+    check_inputs(OP, q, k, v, beta, initial_state)
+    fn = resolve_impl(OP, impl, q.device)
+    if q.shape[2] == 0:
+        return empty_sequence(q, v, initial_state, output_final_state)
+    return fn(q, k, v, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state)
+
+
+def delta_rule_recurrent(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    scale: float = 1.0,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Reference form of :func:`delta_rule`: one step per token, exactly the equations (autograd backward)."""
+    B, H, L, Dk = q.shape
+    dtype = compute_dtype(q, k, v, beta, initial_state)
+    S = q.new_zeros(B, H, Dk, v.shape[-1], dtype=dtype) if initial_state is None else initial_state.to(dtype)
+    steps = zip(*(x.to(dtype).unbind(2) for x in (q, k, v, beta)), strict=True)
+    outs = []
+    for q_t, k_t, v_t, b_t in steps:
+        u_t = b_t.unsqueeze(-1) * (v_t - torch.einsum("bhkv,bhk->bhv", S, k_t))
+        S = S + k_t.unsqueeze(-1) * u_t.unsqueeze(-2)
+        outs.append(scale * torch.einsum("bhkv,bhk->bhv", S, q_t))
+    o = torch.stack(outs, dim=2).to(q.dtype)
+    return o, (S if output_final_state else None)
+
+
+def delta_rule_chunk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    scale: float = 1.0,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chunkwise-parallel WY/UT form of :func:`delta_rule` (Yang et al. 2024) with a hand-written backward.
+
+    ``chunk_size`` (default 64) tokens per chunk. Everything inside a chunk is batched over all chunks;
+    only the chunk-to-chunk state update is a loop of L / chunk_size steps.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"{OP}: chunk_size must be a positive integer, got {chunk_size}")
+    o, S = _DeltaRuleChunk.apply(q, k, v, beta, initial_state, float(scale), int(chunk_size))
+    return o, (S if output_final_state else None)
+
+
+def _ut_inverse(kc: torch.Tensor, bk: torch.Tensor) -> torch.Tensor:
+    """``X = (I + tril(diag(beta) K K^T, -1))^-1`` for all chunks at once: ``[..., C, C]`` (bk = diag(beta) K)."""
+    A = torch.matmul(bk, mT(kc))  # only its strictly lower triangle is read by the unit-triangular solve
+    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device).expand_as(A)
+    return torch.linalg.solve_triangular(A, eye, upper=False, unitriangular=True)
+
+
+class _DeltaRuleChunk(torch.autograd.Function):
+    """Saves q, k, v, beta (views of the inputs when possible), X [L, C], U' [L, Dv] and N chunk-start states."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, beta, s0, scale: float, C: int):
+        B, H, L, Dk = q.shape
+        Dv = v.shape[-1]
+        dtype = compute_dtype(q, k, v, beta, s0)
+        qc, kc, vc = (to_chunks(x, C, dtype) for x in (q, k, v))  # [G, N, C, D]
+        bc = to_chunks(beta, C, dtype)  # [G, N, C]
+        G, N = qc.shape[:2]
+
+        # UT transform, all chunks batched: T = X diag(beta);  W = T K,  U = T V.
+        X = _ut_inverse(kc, kc * bc.unsqueeze(-1))
+        T = X * bc.unsqueeze(-2)
+        W, U = torch.matmul(T, kc), torch.matmul(T, vc)
+        del T
+
+        # The only sequential part: U'_n = U_n - W_n S_n ;  S_{n+1} = S_n + K_n^T U'_n.
+        # Each step writes fresh contiguous results (BLAS's batched path) and copies them into the buffers.
+        states = qc.new_empty(G, N, Dk, Dv)
+        Ud = qc.new_empty(G, N, C, Dv)
+        S = qc.new_zeros(G, Dk, Dv) if s0 is None else s0.reshape(G, Dk, Dv).to(dtype)
+        for n in range(N):
+            states[:, n] = S
+            u = torch.baddbmm(U[:, n], W[:, n], S, alpha=-1)
+            Ud[:, n] = u
+            S = torch.baddbmm(S, mT(kc[:, n]), u)
+        del W, U
+
+        # O = scale * (Q S_n + tril(Q K^T) U'), all chunks batched.
+        o = torch.matmul(qc, states)
+        addmm_(o, torch.matmul(qc, mT(kc)).tril_(), Ud, beta=scale, alpha=scale)
+
+        ctx.save_for_backward(qc, kc, vc, bc, X, Ud, states)
+        ctx.meta = (B, H, L, scale, [x.dtype for x in (q, k, v, beta)], None if s0 is None else s0.dtype)
+        ctx.set_materialize_grads(False)
+        return from_chunks(o, (B, H, L), q.dtype), S.view(B, H, Dk, Dv)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, do, dsN):
+        qc, kc, vc, bc, X, Ud, states = ctx.saved_tensors
+        B, H, L, scale, dtypes, s0_dt = ctx.meta
+        G, N, C, Dk = qc.shape
+        Dv = vc.shape[-1]
+        b = bc.unsqueeze(-1)
+        do_c = qc.new_zeros(G, N, C, Dv) if do is None else to_chunks(do, C, qc.dtype).mul(scale)
+
+        # Per chunk U' = X diag(beta) R with R = V - K S_n. With Z = X^T dU':
+        #   dV = diag(beta) Z,  dK gets -diag(beta) Z S_n^T,  dS_n gets -(diag(beta) K)^T Z,
+        #   dbeta gets rowsum(Z * R),  and dA = -tril(Z U'^T, -1) for A = tril(diag(beta) K K^T, -1).
+        # Reverse pass over chunks (dS_next[:, n] = gradient w.r.t. the state after chunk n):
+        #   dU'_n = tril(Q K^T)^T dO_n + K_n dS_{n+1};  dS_n = dS_{n+1} + Q_n^T dO_n - (diag(beta) K_n)^T Z_n.
+        P = torch.matmul(qc, mT(kc)).tril_()
+        dUd_local = torch.matmul(mT(P), do_c)
+        qdo = torch.matmul(mT(qc), do_c)
+        bk = kc * b
+        Z = qc.new_empty(G, N, C, Dv)
+        dS_next = qc.new_empty(G, N, Dk, Dv)
+        dS = qc.new_zeros(G, Dk, Dv) if dsN is None else dsN.reshape(G, Dk, Dv).to(qc.dtype)
+        for n in range(N - 1, -1, -1):
+            dS_next[:, n] = dS
+            z = torch.bmm(mT(X[:, n]), torch.baddbmm(dUd_local[:, n], kc[:, n], dS))
+            Z[:, n] = z
+            dS = torch.baddbmm(qdo[:, n], mT(bk[:, n]), z, alpha=-1).add_(dS)
+        del dUd_local, qdo, bk
+
+        # Output and state-update terms, all chunks batched (P's buffer is reused for dP, then dA).
+        dP = torch.matmul(do_c, mT(Ud), out=P).tril_()
+        dq = addmm_(torch.matmul(do_c, mT(states)), dP, kc)
+        dk = addmm_(torch.matmul(mT(dP), qc), Ud, mT(dS_next))
+        negdA = torch.matmul(Z, mT(Ud), out=P).tril_(-1)
+        # M = Z S_n^T + (-dA) K collects the terms of dK and dbeta that are multiplied by beta and K:
+        #   dK -= diag(beta) M + (diag(beta) (-dA))^T K;   dbeta = rowsum(Z * V) - rowsum(K * M).
+        M = addmm_(torch.matmul(Z, mT(states)), negdA, kc)
+        dk.addcmul_(M, b, value=-1)
+        addmm_(dk, mT(negdA.mul_(b)), kc, alpha=-1)
+        dbeta = torch.mul(Z, vc, out=do_c).sum(-1).sub_(M.mul_(kc).sum(-1))
+        dv = Z.mul_(b)
+
+        shape = (B, H, L)
+        grads = [from_chunks(g, shape, dt) for g, dt in zip((dq, dk, dv, dbeta), dtypes, strict=True)]
+        ds0 = dS.view(B, H, Dk, Dv).to(s0_dt) if ctx.needs_input_grad[4] else None
+        return (*grads, ds0, None, None)
+
+
+register_impl(OP, "recurrent", delta_rule_recurrent, priority=0)
+register_impl(OP, "chunk", delta_rule_chunk, priority=10)

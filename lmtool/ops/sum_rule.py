@@ -1,0 +1,162 @@
+"""Sum (purely additive, Hebbian-like) fast-weight update rule: linear attention as a fast weight programmer.
+
+Schlag, Irie & Schmidhuber (2021), "Linear Transformers Are Secretly Fast Weight Programmers",
+arXiv:2102.11174 (the rule of Katharopoulos et al. 2020 seen as a fast weight update). The math and the
+derivation of the chunkwise form are in ``lmtool/ops/README.md``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from lmtool.ops.chunking import addmm_, from_chunks, mT, to_chunks
+from lmtool.ops.registry import check_inputs, compute_dtype, empty_sequence, register_impl, resolve_impl
+
+OP = "sum_rule"
+DEFAULT_CHUNK_SIZE = 64  # the fastest of 32/64/128 in scripts/bench_ops.py (docs/ops_benchmark.md)
+
+
+def sum_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float = 1.0,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Sum-rule fast weights (linear attention), Schlag et al. 2021 (arXiv:2102.11174), eq. 1-2.
+
+    Per batch element and head, with state ``S`` of shape ``[Dk, Dv]``::
+
+        S_t = S_{t-1} + k_t v_t^T
+        o_t = scale * S_t^T q_t            (step t is included)
+
+    Args:
+        q, k: ``[B, H, L, Dk]`` queries and keys (feature map already applied).
+        v: ``[B, H, L, Dv]`` values.
+        scale: output scale (default 1.0).
+        initial_state: ``[B, H, Dk, Dv]`` state before step 1; ``None`` (default) means zeros.
+        output_final_state: also return the state after step L (default False).
+        impl: ``"recurrent"`` (step loop, the reference), ``"chunk"`` (chunkwise parallel) or
+            ``"auto"`` (default: the fastest form registered for the device).
+
+    Returns:
+        ``(o, final_state)``: ``o`` is ``[B, H, L, Dv]`` in q's dtype; ``final_state`` is
+        ``[B, H, Dk, Dv]`` float32 (float64 if an input is float64), or None unless requested.
+        Half-precision inputs are computed in float32. Gradients flow to q, k, v and initial_state.
+    """
+    check_inputs(OP, q, k, v, None, initial_state)
+    fn = resolve_impl(OP, impl, q.device)
+    if q.shape[2] == 0:
+        return empty_sequence(q, v, initial_state, output_final_state)
+    return fn(q, k, v, scale=scale, initial_state=initial_state, output_final_state=output_final_state)
+
+
+def sum_rule_recurrent(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float = 1.0,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Reference form of :func:`sum_rule`: one step per token, exactly the equations (autograd backward)."""
+    B, H, L, Dk = q.shape
+    dtype = compute_dtype(q, k, v, initial_state)
+    S = q.new_zeros(B, H, Dk, v.shape[-1], dtype=dtype) if initial_state is None else initial_state.to(dtype)
+    outs = []
+    for q_t, k_t, v_t in zip(q.to(dtype).unbind(2), k.to(dtype).unbind(2), v.to(dtype).unbind(2), strict=True):
+        S = S + k_t.unsqueeze(-1) * v_t.unsqueeze(-2)
+        outs.append(scale * torch.einsum("bhkv,bhk->bhv", S, q_t))
+    o = torch.stack(outs, dim=2).to(q.dtype)
+    return o, (S if output_final_state else None)
+
+
+def sum_rule_chunk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float = 1.0,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chunkwise-parallel form of :func:`sum_rule` with a hand-written backward (same signature).
+
+    ``chunk_size`` (default 64) tokens per chunk; all chunks are processed in batched matmuls and the
+    chunk-start states are a cumulative sum over chunks, so there is no Python loop at all.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"{OP}: chunk_size must be a positive integer, got {chunk_size}")
+    o, S = _SumRuleChunk.apply(q, k, v, initial_state, float(scale), int(chunk_size))
+    return o, (S if output_final_state else None)
+
+
+class _SumRuleChunk(torch.autograd.Function):
+    """Saves q, k, v (views of the inputs when possible) and the N chunk-start states, nothing per token."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, s0, scale: float, C: int):
+        B, H, L, Dk = q.shape
+        Dv = v.shape[-1]
+        dtype = compute_dtype(q, k, v, s0)
+        qc, kc, vc = (to_chunks(x, C, dtype) for x in (q, k, v))  # [G, N, C, D]
+        G, N = qc.shape[:2]
+
+        # Chunk-start states S_n = S_0 + sum_{m<n} K_m^T V_m: a running sum over chunks, one bmm each
+        # (fresh contiguous results take BLAS's batched path; they are copied into the buffer).
+        states = qc.new_empty(G, N, Dk, Dv)
+        S = qc.new_zeros(G, Dk, Dv) if s0 is None else s0.reshape(G, Dk, Dv).to(dtype)
+        for n in range(N):
+            states[:, n] = S
+            S = torch.baddbmm(S, mT(kc[:, n]), vc[:, n])
+
+        # O = scale * (Q S_n + tril(Q K^T) V), all chunks batched.
+        o = torch.matmul(qc, states)
+        addmm_(o, torch.matmul(qc, mT(kc)).tril_(), vc, beta=scale, alpha=scale)
+
+        ctx.save_for_backward(qc, kc, vc, states)
+        ctx.meta = (B, H, L, scale, q.dtype, k.dtype, v.dtype, None if s0 is None else s0.dtype)
+        ctx.set_materialize_grads(False)
+        return from_chunks(o, (B, H, L), q.dtype), S.view(B, H, Dk, Dv)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, do, dsN):
+        qc, kc, vc, states = ctx.saved_tensors
+        B, H, L, scale, q_dt, k_dt, v_dt, s0_dt = ctx.meta
+        G, N, C, Dk = qc.shape
+        Dv = vc.shape[-1]
+        if do is None:
+            do_c = qc.new_zeros(G, N, C, Dv)
+        else:
+            do_c = to_chunks(do, C, qc.dtype).mul(scale)  # scale folded into dO once
+
+        # dS_next[:, n]: gradient w.r.t. the state after chunk n = dS_N + sum_{m>n} Q_m^T dO_m (reverse sum).
+        dS_next = qc.new_empty(G, N, Dk, Dv)
+        dS = qc.new_zeros(G, Dk, Dv) if dsN is None else dsN.reshape(G, Dk, Dv).to(qc.dtype)
+        for n in range(N - 1, -1, -1):
+            dS_next[:, n] = dS
+            dS = torch.baddbmm(dS, mT(qc[:, n]), do_c[:, n])
+        ds0 = dS.view(B, H, Dk, Dv).to(s0_dt) if ctx.needs_input_grad[3] else None
+
+        dq = dk = dv = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            dP = torch.matmul(do_c, mT(vc)).tril_()
+            if ctx.needs_input_grad[0]:
+                dq = from_chunks(addmm_(torch.matmul(do_c, mT(states)), dP, kc), (B, H, L), q_dt)
+            if ctx.needs_input_grad[1]:
+                dk = from_chunks(addmm_(torch.matmul(mT(dP), qc), vc, mT(dS_next)), (B, H, L), k_dt)
+        if ctx.needs_input_grad[2]:
+            P = torch.matmul(qc, mT(kc)).tril_()
+            dv = from_chunks(addmm_(torch.matmul(mT(P), do_c), kc, dS_next), (B, H, L), v_dt)
+        return dq, dk, dv, ds0, None, None
+
+
+register_impl(OP, "recurrent", sum_rule_recurrent, priority=0)
+register_impl(OP, "chunk", sum_rule_chunk, priority=10)
