@@ -100,7 +100,8 @@ class TrainerConfig:
     eval_tgt_len: int | None = None  # None: tgt_len
     eval_batch_size: int = 16
     eval_interval: int = 500
-    eval_max_segments: int | None = None  # cap on periodic validation; final evaluation is always full
+    eval_max_segments: int | None = None  # cap on periodic validation; the final evaluation is full
+    final_eval: bool = True  # evaluate valid and test in full with the best weights at the end
     log_interval: int = 50
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "fp32"  # fp32 | bf16 | fp16

@@ -108,15 +108,12 @@ def delta_rule_chunk(
     return o, (S if output_final_state else None)
 
 
-def _ut_inverse(kc: torch.Tensor, bk: torch.Tensor) -> torch.Tensor:
-    """``X = (I + tril(diag(beta) K K^T, -1))^-1`` for all chunks at once: ``[..., C, C]`` (bk = diag(beta) K)."""
-    A = torch.matmul(bk, mT(kc))  # only its strictly lower triangle is read by the unit-triangular solve
-    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device).expand_as(A)
-    return torch.linalg.solve_triangular(A, eye, upper=False, unitriangular=True)
-
-
 class _DeltaRuleChunk(torch.autograd.Function):
-    """Saves q, k, v, beta (views of the inputs when possible), X [L, C], U' [L, Dv] and N chunk-start states."""
+    """Saves q, k, v, beta (views of the inputs when possible), X [L, C], U' [L, Dv] and N chunk-start states.
+
+    Large temporaries are reused through ``out=`` and in-place ops: on CPU every fresh multi-MB buffer
+    costs page faults comparable to the matmuls themselves.
+    """
 
     @staticmethod
     def forward(ctx, q, k, v, beta, s0, scale: float, C: int):
@@ -127,27 +124,29 @@ class _DeltaRuleChunk(torch.autograd.Function):
         bc = to_chunks(beta, C, dtype)  # [G, N, C]
         G, N = qc.shape[:2]
 
-        # UT transform, all chunks batched: T = X diag(beta);  W = T K,  U = T V.
-        X = _ut_inverse(kc, kc * bc.unsqueeze(-1))
-        T = X * bc.unsqueeze(-2)
-        W, U = torch.matmul(T, kc), torch.matmul(T, vc)
-        del T
+        # UT transform, all chunks batched: X = (I + A)^-1, T = X diag(beta), W = T K, U = T V.
+        # Only the strictly lower triangle of A = diag(beta) K K^T is read by the unit-triangular solve.
+        A = torch.matmul(kc, mT(kc)).mul_(bc.unsqueeze(-1))
+        eye = torch.eye(C, dtype=dtype, device=q.device).expand_as(A)
+        X = torch.linalg.solve_triangular(A, eye, upper=False, unitriangular=True)
+        T = torch.mul(X, bc.unsqueeze(-2), out=A)
+        W = torch.matmul(T, kc)
+        Ud = torch.matmul(T, vc)  # U, turned into U' in place below
 
         # The only sequential part: U'_n = U_n - W_n S_n ;  S_{n+1} = S_n + K_n^T U'_n.
         # Each step writes fresh contiguous results (BLAS's batched path) and copies them into the buffers.
         states = qc.new_empty(G, N, Dk, Dv)
-        Ud = qc.new_empty(G, N, C, Dv)
         S = qc.new_zeros(G, Dk, Dv) if s0 is None else s0.reshape(G, Dk, Dv).to(dtype)
         for n in range(N):
             states[:, n] = S
-            u = torch.baddbmm(U[:, n], W[:, n], S, alpha=-1)
+            u = torch.baddbmm(Ud[:, n], W[:, n], S, alpha=-1)
             Ud[:, n] = u
             S = torch.baddbmm(S, mT(kc[:, n]), u)
-        del W, U
+        del W
 
         # O = scale * (Q S_n + tril(Q K^T) U'), all chunks batched.
         o = torch.matmul(qc, states)
-        addmm_(o, torch.matmul(qc, mT(kc)).tril_(), Ud, beta=scale, alpha=scale)
+        addmm_(o, torch.matmul(qc, mT(kc), out=T).tril_(), Ud, beta=scale, alpha=scale)
 
         ctx.save_for_backward(qc, kc, vc, bc, X, Ud, states)
         ctx.meta = (B, H, L, scale, [x.dtype for x in (q, k, v, beta)], None if s0 is None else s0.dtype)
@@ -162,39 +161,36 @@ class _DeltaRuleChunk(torch.autograd.Function):
         G, N, C, Dk = qc.shape
         Dv = vc.shape[-1]
         b = bc.unsqueeze(-1)
-        do_c = qc.new_zeros(G, N, C, Dv) if do is None else to_chunks(do, C, qc.dtype).mul(scale)
+        do_c = qc.new_zeros(G, N, C, Dv) if do is None else to_chunks(do, C, qc.dtype)  # unscaled dO
 
         # Per chunk U' = X diag(beta) R with R = V - K S_n. With Z = X^T dU':
-        #   dV = diag(beta) Z,  dK gets -diag(beta) Z S_n^T,  dS_n gets -(diag(beta) K)^T Z,
+        #   dV = diag(beta) Z,  dK gets -diag(beta) Z S_n^T,  dS_n gets -K^T diag(beta) Z,
         #   dbeta gets rowsum(Z * R),  and dA = -tril(Z U'^T, -1) for A = tril(diag(beta) K K^T, -1).
         # Reverse pass over chunks (dS_next[:, n] = gradient w.r.t. the state after chunk n):
-        #   dU'_n = tril(Q K^T)^T dO_n + K_n dS_{n+1};  dS_n = dS_{n+1} + Q_n^T dO_n - (diag(beta) K_n)^T Z_n.
+        #   dU'_n = scale tril(Q K^T)^T dO_n + K_n dS_{n+1};  dS_n = dS_{n+1} + scale Q_n^T dO_n - K_n^T diag(beta) Z_n.
         P = torch.matmul(qc, mT(kc)).tril_()
-        dUd_local = torch.matmul(mT(P), do_c)
-        qdo = torch.matmul(mT(qc), do_c)
-        bk = kc * b
-        Z = qc.new_empty(G, N, C, Dv)
+        Z = torch.matmul(mT(P), do_c)  # tril(Q K^T)^T dO; chunk n is overwritten by Z_n in the loop
         dS_next = qc.new_empty(G, N, Dk, Dv)
         dS = qc.new_zeros(G, Dk, Dv) if dsN is None else dsN.reshape(G, Dk, Dv).to(qc.dtype)
         for n in range(N - 1, -1, -1):
             dS_next[:, n] = dS
-            z = torch.bmm(mT(X[:, n]), torch.baddbmm(dUd_local[:, n], kc[:, n], dS))
+            z = torch.bmm(mT(X[:, n]), torch.baddbmm(Z[:, n], kc[:, n], dS, beta=scale))
             Z[:, n] = z
-            dS = torch.baddbmm(qdo[:, n], mT(bk[:, n]), z, alpha=-1).add_(dS)
-        del dUd_local, qdo, bk
+            dS = torch.baddbmm(dS, mT(qc[:, n]), do_c[:, n], alpha=scale)
+            dS.baddbmm_(mT(kc[:, n]), z * bc[:, n].unsqueeze(-1), alpha=-1)
 
-        # Output and state-update terms, all chunks batched (P's buffer is reused for dP, then dA).
-        dP = torch.matmul(do_c, mT(Ud), out=P).tril_()
-        dq = addmm_(torch.matmul(do_c, mT(states)), dP, kc)
-        dk = addmm_(torch.matmul(mT(dP), qc), Ud, mT(dS_next))
+        # Output and state-update terms, all chunks batched (P's buffer is reused for dP, then -dA).
+        dP = torch.matmul(do_c, mT(Ud), out=P).tril_()  # unscaled
+        dq = addmm_(torch.matmul(do_c, mT(states)), dP, kc).mul_(scale)
+        dk = addmm_(torch.matmul(mT(dP), qc), Ud, mT(dS_next), beta=scale)
         negdA = torch.matmul(Z, mT(Ud), out=P).tril_(-1)
         # M = Z S_n^T + (-dA) K collects the terms of dK and dbeta that are multiplied by beta and K:
         #   dK -= diag(beta) M + (diag(beta) (-dA))^T K;   dbeta = rowsum(Z * V) - rowsum(K * M).
         M = addmm_(torch.matmul(Z, mT(states)), negdA, kc)
         dk.addcmul_(M, b, value=-1)
         addmm_(dk, mT(negdA.mul_(b)), kc, alpha=-1)
-        dbeta = torch.mul(Z, vc, out=do_c).sum(-1).sub_(M.mul_(kc).sum(-1))
-        dv = Z.mul_(b)
+        dv = Z * b
+        dbeta = Z.mul_(vc).sum(-1).sub_(M.mul_(kc).sum(-1))
 
         shape = (B, H, L)
         grads = [from_chunks(g, shape, dt) for g, dt in zip((dq, dk, dv, dbeta), dtypes, strict=True)]

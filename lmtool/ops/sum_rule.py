@@ -132,29 +132,30 @@ class _SumRuleChunk(torch.autograd.Function):
         B, H, L, scale, q_dt, k_dt, v_dt, s0_dt = ctx.meta
         G, N, C, Dk = qc.shape
         Dv = vc.shape[-1]
-        if do is None:
-            do_c = qc.new_zeros(G, N, C, Dv)
-        else:
-            do_c = to_chunks(do, C, qc.dtype).mul(scale)  # scale folded into dO once
+        do_c = qc.new_zeros(G, N, C, Dv) if do is None else to_chunks(do, C, qc.dtype)  # unscaled dO
 
-        # dS_next[:, n]: gradient w.r.t. the state after chunk n = dS_N + sum_{m>n} Q_m^T dO_m (reverse sum).
+        # dS_next[:, n]: gradient w.r.t. the state after chunk n = dS_N + scale sum_{m>n} Q_m^T dO_m.
         dS_next = qc.new_empty(G, N, Dk, Dv)
         dS = qc.new_zeros(G, Dk, Dv) if dsN is None else dsN.reshape(G, Dk, Dv).to(qc.dtype)
         for n in range(N - 1, -1, -1):
             dS_next[:, n] = dS
-            dS = torch.baddbmm(dS, mT(qc[:, n]), do_c[:, n])
+            dS = torch.baddbmm(dS, mT(qc[:, n]), do_c[:, n], alpha=scale)
         ds0 = dS.view(B, H, Dk, Dv).to(s0_dt) if ctx.needs_input_grad[3] else None
 
+        # dQ = scale (dO S_n^T + dP K), dK = scale dP^T Q + V dS_next^T, dV = scale P^T dO + K dS_next,
+        # with P = tril(Q K^T) and dP = tril(dO V^T); all chunks batched, one C x C buffer for dP then P.
         dq = dk = dv = None
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            dP = torch.matmul(do_c, mT(vc)).tril_()
-            if ctx.needs_input_grad[0]:
-                dq = from_chunks(addmm_(torch.matmul(do_c, mT(states)), dP, kc), (B, H, L), q_dt)
-            if ctx.needs_input_grad[1]:
-                dk = from_chunks(addmm_(torch.matmul(mT(dP), qc), vc, mT(dS_next)), (B, H, L), k_dt)
+        buf = torch.matmul(do_c, mT(vc)).tril_()  # dP (unscaled)
+        if ctx.needs_input_grad[0]:
+            dq = addmm_(torch.matmul(do_c, mT(states)), buf, kc).mul_(scale)
+            dq = from_chunks(dq, (B, H, L), q_dt)
+        if ctx.needs_input_grad[1]:
+            dk = addmm_(torch.matmul(mT(buf), qc), vc, mT(dS_next), beta=scale)
+            dk = from_chunks(dk, (B, H, L), k_dt)
         if ctx.needs_input_grad[2]:
-            P = torch.matmul(qc, mT(kc)).tril_()
-            dv = from_chunks(addmm_(torch.matmul(mT(P), do_c), kc, dS_next), (B, H, L), v_dt)
+            P = torch.matmul(qc, mT(kc), out=buf).tril_()
+            dv = addmm_(torch.matmul(mT(P), do_c), kc, dS_next, beta=scale)
+            dv = from_chunks(dv, (B, H, L), v_dt)
         return dq, dk, dv, ds0, None, None
 
 

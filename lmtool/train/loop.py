@@ -251,7 +251,7 @@ class Trainer:
                 finished = self._loop()
             if not finished:
                 return {"step": self.step, "interrupted": True}
-            return self.final_evaluation()
+            return self.final_evaluation() if self.t.final_eval else {"step": self.step}
         finally:
             for s, h in old_handlers:
                 signal.signal(s, h)

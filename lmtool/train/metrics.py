@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 import math
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ class MetricsWriter:
 
         # never wait on a network that may not be there: no service start-up checks, no code upload
         os.environ.setdefault("WANDB_SILENT", "true")
-        self.wandb_run_id = self.wandb_run_id or wandb.util.generate_id()
+        self.wandb_run_id = self.wandb_run_id or secrets.token_hex(4)
         self.wandb = wandb.init(
             project=cfg.logger.project,
             entity=cfg.logger.entity,

@@ -1,0 +1,54 @@
+"""Shared inputs for the fast-weight op tests: fresh random tensors in the regime where the rules are stable."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmtool.ops import delta_rule, sum_rule
+
+OPS = {"delta_rule": delta_rule, "sum_rule": sum_rule}
+
+
+class OpCase:
+    """One op's inputs and a uniform way to call any of its forms (``beta`` only for the delta rule)."""
+
+    def __init__(self, op: str, B: int, H: int, L: int, Dk: int, Dv: int, *, dtype=torch.float64, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.op = op
+        self.q = torch.randn(B, H, L, Dk, generator=g, dtype=torch.float64).to(dtype)
+        # L2-normalised keys and beta in (0, 1) keep the delta rule's recurrence contractive.
+        k = torch.randn(B, H, L, Dk, generator=g, dtype=torch.float64)
+        self.k = torch.nn.functional.normalize(k, dim=-1).to(dtype)
+        self.v = torch.randn(B, H, L, Dv, generator=g, dtype=torch.float64).to(dtype)
+        self.beta = torch.sigmoid(torch.randn(B, H, L, generator=g, dtype=torch.float64)).to(dtype)
+        self.s0 = torch.randn(B, H, Dk, Dv, generator=g, dtype=torch.float64)
+        self.grad_o = torch.randn(B, H, L, Dv, generator=g, dtype=torch.float64)
+        self.grad_s = torch.randn(B, H, Dk, Dv, generator=g, dtype=torch.float64)
+
+    def inputs(self) -> list[torch.Tensor]:
+        names = ["q", "k", "v", "beta"] if self.op == "delta_rule" else ["q", "k", "v"]
+        return [getattr(self, n) for n in names]
+
+    def call(self, fn=None, inputs=None, **kwargs):
+        """Call ``fn`` (default: the public op) with this case's tensors (or ``inputs``) as positionals."""
+        fn = OPS[self.op] if fn is None else fn
+        return fn(*(self.inputs() if inputs is None else inputs), **kwargs)
+
+    def outputs_and_grads(self, fn=None, *, initial_state=True, **kwargs) -> list[torch.Tensor]:
+        """``[o, final_state, d inputs..., d initial_state]`` under random upstream gradients for o and S."""
+        leaves = [x.detach().clone().requires_grad_() for x in self.inputs()]
+        s0 = self.s0.clone().requires_grad_() if initial_state else None
+        o, S = self.call(fn, leaves, initial_state=s0, output_final_state=True, **kwargs)
+        loss = (o.double() * self.grad_o).sum() + (S.double() * self.grad_s).sum()
+        wrt = leaves + ([s0] if initial_state else [])
+        return [o, S, *torch.autograd.grad(loss, wrt)]
+
+
+def shape_id(shape: tuple[int, ...]) -> str:
+    return "B{}-H{}-L{}-Dk{}-Dv{}".format(*shape)
+
+
+@pytest.fixture
+def make_case():
+    return OpCase
