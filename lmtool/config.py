@@ -190,7 +190,20 @@ def validate(cfg: Any) -> None:
                 f"trainer.batch_chunk={trainer.batch_chunk}"
             )
     model = _lookup(cfg, "model")
-    if model is not None and model.name == "fwm" and model.carry_over and model.pos_emb:
+    if model is not None and model.name == "fwm":
+        _validate_fast_weights(cfg)
+
+
+def _validate_fast_weights(cfg: Any) -> None:
+    rule, fmap, model = cfg.update_rule, cfg.feature_map, cfg.model
+    if fmap.name == "identity" and (rule.qk_norm == "sum" or rule.normalized_retrieval):
+        raise ConfigError(
+            "feature_map=identity can be negative, so update_rule.qk_norm=sum and normalized_retrieval divide "
+            "by sums that may vanish: use update_rule.qk_norm=l2 (DeltaNet) or none"
+        )
+    if rule.normalized_retrieval and rule.name != "delta":
+        raise ConfigError("update_rule.normalized_retrieval=true needs update_rule=delta")
+    if model.carry_over and model.pos_emb:
         raise ConfigError(
             "model.carry_over=true needs model.pos_emb=false: absolute positions restart at every segment "
             "while the carried fast weights do not"

@@ -46,5 +46,6 @@ def addmm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, beta: float =
     ``out`` must be contiguous; a and b are folded to 3-D (a view whenever their batch dims allow).
     """
     m, n = out.shape[-2:]
-    out.view(-1, m, n).baddbmm_(a.reshape(-1, m, a.shape[-1]), b.reshape(-1, b.shape[-2], n), beta=beta, alpha=alpha)
+    a3, b3 = a.reshape(-1, m, a.shape[-1]), b.reshape(-1, b.shape[-2], n)
+    out.view(-1, m, n).baddbmm_(a3, b3, beta=beta, alpha=alpha)
     return out

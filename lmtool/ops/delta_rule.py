@@ -15,7 +15,7 @@ from lmtool.ops.chunking import addmm_, from_chunks, mT, to_chunks
 from lmtool.ops.registry import check_inputs, compute_dtype, empty_sequence, register_impl, resolve_impl
 
 OP = "delta_rule"
-DEFAULT_CHUNK_SIZE = 64  # the fastest of 32/64/128 in scripts/bench_ops.py (docs/ops_benchmark.md)
+DEFAULT_CHUNK_SIZE = 32  # the fastest of 16/32/64/128 in scripts/bench_ops.py (docs/ops_benchmark.md)
 
 
 def delta_rule(
@@ -99,7 +99,7 @@ def delta_rule_chunk(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunkwise-parallel WY/UT form of :func:`delta_rule` (Yang et al. 2024) with a hand-written backward.
 
-    ``chunk_size`` (default 64) tokens per chunk. Everything inside a chunk is batched over all chunks;
+    ``chunk_size`` (default 32) tokens per chunk. Everything inside a chunk is batched over all chunks;
     only the chunk-to-chunk state update is a loop of L / chunk_size steps.
     """
     if chunk_size < 1:
@@ -139,8 +139,7 @@ class _DeltaRuleChunk(torch.autograd.Function):
         S = qc.new_zeros(G, Dk, Dv) if s0 is None else s0.reshape(G, Dk, Dv).to(dtype)
         for n in range(N):
             states[:, n] = S
-            u = torch.baddbmm(Ud[:, n], W[:, n], S, alpha=-1)
-            Ud[:, n] = u
+            u = Ud[:, n].sub_(torch.bmm(W[:, n], S))
             S = torch.baddbmm(S, mT(kc[:, n]), u)
         del W
 
@@ -167,7 +166,8 @@ class _DeltaRuleChunk(torch.autograd.Function):
         #   dV = diag(beta) Z,  dK gets -diag(beta) Z S_n^T,  dS_n gets -K^T diag(beta) Z,
         #   dbeta gets rowsum(Z * R),  and dA = -tril(Z U'^T, -1) for A = tril(diag(beta) K K^T, -1).
         # Reverse pass over chunks (dS_next[:, n] = gradient w.r.t. the state after chunk n):
-        #   dU'_n = scale tril(Q K^T)^T dO_n + K_n dS_{n+1};  dS_n = dS_{n+1} + scale Q_n^T dO_n - K_n^T diag(beta) Z_n.
+        #   dU'_n = scale tril(Q K^T)^T dO_n + K_n dS_{n+1}
+        #   dS_n  = dS_{n+1} + scale Q_n^T dO_n - K_n^T diag(beta) Z_n
         P = torch.matmul(qc, mT(kc)).tril_()
         Z = torch.matmul(mT(P), do_c)  # tril(Q K^T)^T dO; chunk n is overwritten by Z_n in the loop
         dS_next = qc.new_empty(G, N, Dk, Dv)
@@ -189,8 +189,12 @@ class _DeltaRuleChunk(torch.autograd.Function):
         M = addmm_(torch.matmul(Z, mT(states)), negdA, kc)
         dk.addcmul_(M, b, value=-1)
         addmm_(dk, mT(negdA.mul_(b)), kc, alpha=-1)
-        dv = Z * b
-        dbeta = Z.mul_(vc).sum(-1).sub_(M.mul_(kc).sum(-1))
+        if Dk == Dv:  # dbeta = rowsum(Z * V - K * M), formed in M's buffer so that Z can become dV in place
+            dbeta = M.mul_(kc).neg_().addcmul_(Z, vc).sum(-1)
+            dv = Z.mul_(b)
+        else:
+            dv = Z * b
+            dbeta = Z.mul_(vc).sum(-1).sub_(M.mul_(kc).sum(-1))
 
         shape = (B, H, L)
         grads = [from_chunks(g, shape, dt) for g, dt in zip((dq, dk, dv, dbeta), dtypes, strict=True)]

@@ -111,7 +111,7 @@ def check_inputs(
         extra.append(("initial_state", initial_state))
     for name, x in [("k", k), *extra]:
         if x.device != q.device:
-            raise ValueError(f"{op}: {name} is on {x.device} but q is on {q.device}; put all inputs on one device")
+            raise ValueError(f"{op}: {name} is on {x.device} but q is on {q.device}; use one device for all")
 
 
 def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:

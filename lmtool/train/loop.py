@@ -21,7 +21,13 @@ from lmtool.config import validate
 from lmtool.data import LMOrderedIterator, load_corpus
 from lmtool.models.build import build_model, model_signature
 from lmtool.models.lm import CausalLM, detach_state, map_state
-from lmtool.train.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from lmtool.train.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from lmtool.train.metrics import MetricsWriter, perplexity_fields
 from lmtool.train.optim import LRSchedule, build_optimizer
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import secrets
 import math
+import secrets
 from pathlib import Path
 from typing import Any
 

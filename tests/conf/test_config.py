@@ -19,6 +19,10 @@ CONF = Path(lmtool.__file__).resolve().parent.parent / "conf"
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and not p.name.startswith("_"))
 
 
+# options that need another value to make sense (identity features can be negative: no sum-normalisation)
+COMPANIONS = {("feature_map", "identity"): ("update_rule.qk_norm=l2",)}
+
+
 def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
@@ -35,7 +39,8 @@ def test_groups_are_the_documented_ones():
 )
 def test_every_option_composes_and_builds(group, option):
     """Each option of each group composes onto the typed schema, validates, and builds a model that runs."""
-    cfg = compose_config(f"{group}={option}", "debug=smoke")
+    companions = COMPANIONS.get((group, option), ())
+    cfg = compose_config(f"{group}={option}", "debug=smoke", *companions)
     validate(cfg)
     model = build_model(cfg, vocab_size=50)
     optimizer = build_optimizer(cfg.optimizer, model.parameters())
@@ -71,7 +76,9 @@ def test_unknown_option_fails_at_compose_time():
 
 
 @pytest.mark.parametrize(
-    "override", ["optimizer.name=lamb", "trainer.precision=fp8", "update_rule.qk_norm=max", "trainer.batch_chunk=3"]
+    "override",
+    ["feature_map=identity", "optimizer.name=lamb", "trainer.precision=fp8", "update_rule.qk_norm=max",
+     "trainer.batch_chunk=3"],
 )
 def test_bad_choice_is_a_config_error(override):
     """Values outside a key's allowed set (or an indivisible batch_chunk) raise a one-line ConfigError."""

@@ -1,4 +1,4 @@
-"""Shared inputs for the fast-weight op tests: fresh random tensors in the regime where the rules are stable."""
+"""Shared inputs for the fast-weight op tests: fresh random tensors where the rules are stable."""
 
 from __future__ import annotations
 

@@ -39,7 +39,7 @@ def names_for(op: str, initial_state: bool = True) -> list[str]:
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("shape, chunk", SHAPES)
 def test_chunk_matches_recurrent(make_case, op, shape, chunk):
-    """The chunk form gives the reference's outputs, final state and every gradient (non-zero initial state)."""
+    """The chunk form gives the reference's outputs, final state and all gradients, from a non-zero state."""
     case = make_case(op, *shape)
     kwargs = {} if chunk is None else {"chunk_size": chunk}
     expected = case.outputs_and_grads(impl="recurrent", scale=0.7)
@@ -49,7 +49,7 @@ def test_chunk_matches_recurrent(make_case, op, shape, chunk):
 
 @pytest.mark.parametrize("op", OPS)
 def test_chunk_matches_recurrent_without_state(make_case, op):
-    """Without an initial state and with the final state unused, the chunk form still matches the reference."""
+    """With no initial state and the final state unused, the chunk form still matches the reference."""
     case = make_case(op, 2, 2, 29, 6, 4, seed=1)
     results = []
     for impl in ("recurrent", "chunk"):
@@ -57,7 +57,8 @@ def test_chunk_matches_recurrent_without_state(make_case, op):
         o, S = case.call(inputs=leaves, impl=impl)
         assert S is None
         results.append([o, *torch.autograd.grad((o * case.grad_o).sum(), leaves)])
-    assert_all_close(results[1], results[0], ["o", "dq", "dk", "dv", "dbeta"][: len(results[0])], rtol=1e-9, atol=1e-10)
+    names = ["o", "dq", "dk", "dv", "dbeta"][: len(results[0])]
+    assert_all_close(results[1], results[0], names, rtol=1e-9, atol=1e-10)
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -112,14 +113,14 @@ def test_half_precision_inputs(make_case, op, dtype, impl):
     assert o.dtype == dtype and S.dtype == torch.float32
     assert (o.double() - o_ref).abs().max() <= 2e-2 * o_ref.abs().max()
     assert (S.double() - S_ref).abs().max() <= 1e-4 * S_ref.abs().max()
-    grads = torch.autograd.grad((o.float() * case.grad_o.float()).sum() + (S * case.grad_s.float()).sum(), leaves)
-    for g, x in zip(grads, leaves, strict=True):
+    loss = (o.float() * case.grad_o.float()).sum() + (S * case.grad_s.float()).sum()
+    for g in torch.autograd.grad(loss, leaves):
         assert g.dtype == dtype and torch.isfinite(g.float()).all()
 
 
 @pytest.mark.parametrize("op", OPS)
 def test_chunk_backward_saves_no_per_token_states(make_case, op):
-    """The chunk form saves O(L*(d + C) + (L/C)*d^2) numbers for backward, not the L per-token d x d states."""
+    """The chunk form saves O(L*(d + C) + (L/C)*d^2) numbers for backward, not L per-token d x d states."""
     B, H, L, D, C = 1, 1, 256, 32, 32
     case = make_case(op, B, H, L, D, D, dtype=torch.float32, seed=6)
 
@@ -155,11 +156,10 @@ def test_empty_sequence(make_case, op, impl):
 
 @pytest.mark.parametrize("impl", ["recurrent", "chunk"])
 def test_delta_rule_with_beta_one_overwrites_the_stored_value(make_case, impl):
-    """With beta = 1 the delta rule replaces the value stored under a unit key; the sum rule would add to it."""
+    """With beta = 1 the delta rule replaces the value stored under a unit key instead of adding to it."""
     case = make_case("delta_rule", 1, 1, 2, 4, 3)
     key = torch.nn.functional.normalize(torch.randn(4, dtype=torch.float64), dim=0)
     k = key.expand(1, 1, 2, 4).contiguous()
     beta = torch.ones(1, 1, 2, dtype=torch.float64)
     o, _ = case.call(inputs=[k, k, case.v, beta], impl=impl)
     torch.testing.assert_close(o[0, 0], case.v[0, 0], rtol=1e-12, atol=1e-12)
-
