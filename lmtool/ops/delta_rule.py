@@ -134,7 +134,7 @@ class _DeltaRuleChunk(torch.autograd.Function):
         Ud = torch.matmul(T, vc)  # U, turned into U' in place below
 
         # The only sequential part: U'_n = U_n - W_n S_n ;  S_{n+1} = S_n + K_n^T U'_n.
-        # Each step writes fresh contiguous results (BLAS's batched path) and copies them into the buffers.
+        # Matmul results are fresh contiguous [G, ., .] tensors: strided outputs would leave BLAS's batched path.
         states = qc.new_empty(G, N, Dk, Dv)
         S = qc.new_zeros(G, Dk, Dv) if s0 is None else s0.reshape(G, Dk, Dv).to(dtype)
         for n in range(N):

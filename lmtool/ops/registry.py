@@ -103,9 +103,8 @@ def check_inputs(
     if initial_state is not None:
         if not isinstance(initial_state, torch.Tensor) or tuple(initial_state.shape) != (B, H, Dk, Dv):
             got = tuple(initial_state.shape) if isinstance(initial_state, torch.Tensor) else "non-tensor"
-            raise ValueError(
-                f"{op}: initial_state must have shape [B, H, Dk, Dv] = [{B}, {H}, {Dk}, {Dv}], got {got}"
-            )
+            want = f"[B, H, Dk, Dv] = [{B}, {H}, {Dk}, {Dv}]"
+            raise ValueError(f"{op}: initial_state must have shape {want}, got {got}")
         if not initial_state.is_floating_point():
             raise ValueError(f"{op}: initial_state must be floating point, got {initial_state.dtype}")
         extra.append(("initial_state", initial_state))
