@@ -6,10 +6,12 @@
 
 Times forward+backward and forward only (under torch.no_grad) and reports the median over repeats, tokens/s,
 peak memory of one call and the useful FLOP rate as a percentage of a 2048x2048 torch.mm measured in the same
-process (same dtype, same thread count). Useful FLOPs are the recurrence's own, whatever a form executes:
-per token and head 18*Dk*Dv (delta rule) or 12*Dk*Dv (sum rule) for forward+backward, a third of that
-for forward only. On a shared machine the matmul peak is re-measured right before every timed repeat and
-each row is compared with the median of the peaks taken during that row.
+process with the same thread count. The reference mm has the rows' dtype on CUDA; on CPU it is fp32 by default
+(--peak-dtype): bf16/fp16 matmuls have no fast path on CPUs without bf16/fp16 units, and the torch forms compute
+in fp32 anyway. Useful FLOPs are the recurrence's own, whatever a form executes: per token and head 18*Dk*Dv
+(delta rule) or 12*Dk*Dv (sum rule) for forward+backward, a third of that for forward only. On a shared machine
+the matmul peak is re-measured right before every timed repeat and each row is compared with the median of the
+peaks taken during that row.
 """
 
 from __future__ import annotations
@@ -169,8 +171,9 @@ def bench_row(op, label, fn, shape, dtype_name, mode, args, peak: MatmulPeak) ->
 
     step()  # warm-up
     times, peaks = [], []
+    peak_dtype = dtype if args.peak_dtype == "input" else torch.float32
     for _ in range(args.repeats):
-        peaks.append(peak.measure(dtype))
+        peaks.append(peak.measure(peak_dtype))
         times.append(timed(step, device))
     memory = peak_memory_bytes(step, device)
     B, H, L, Dk, Dv = shape
@@ -193,6 +196,7 @@ def bench_row(op, label, fn, shape, dtype_name, mode, args, peak: MatmulPeak) ->
         "peak_mem_mb": None if memory is None else memory / 2**20,
         "useful_gflops": useful / ms / 1e9,
         "matmul_peak_gflops": mm_peak / 1e9,
+        "matmul_peak_dtype": str(peak_dtype).removeprefix("torch."),
         "pct_of_matmul_peak": 100 * useful / ms / mm_peak,
     }
 
@@ -225,6 +229,11 @@ def parse_args(argv=None):
     p.add_argument("--modes", default="fwd+bwd,fwd")
     p.add_argument("--chunk-sizes", default="", help="e.g. 32,64,128: one chunk row per size")
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument(
+        "--peak-dtype",
+        choices=["input", "fp32"],
+        help="dtype of the reference mm: the rows' input dtype, or fp32 (default: input on CUDA, fp32 on CPU)",
+    )
     p.add_argument("--max-recurrent-len", type=int, help="skip 'recurrent' above this L (CPU 256, CUDA 2048)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of the table")
     return p.parse_args(argv)
@@ -235,6 +244,7 @@ def main(argv=None) -> None:
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
+    args.peak_dtype = args.peak_dtype or ("input" if device.type == "cuda" else "fp32")
     max_rec = args.max_recurrent_len or (256 if device.type == "cpu" else 2048)
     shapes, dtype_names = GRIDS[args.grid]
     dtype_names = args.dtypes.split(",") if args.dtypes else dtype_names
@@ -249,6 +259,7 @@ def main(argv=None) -> None:
         "repeats": args.repeats,
         "load_avg_before": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "memory": MEMORY_NOTE["cuda" if device.type == "cuda" else "cpu"],
+        "peak_dtype": args.peak_dtype,
     }
     if not args.json:
         print(
@@ -256,6 +267,9 @@ def main(argv=None) -> None:
             f"threads {meta['threads']}, median of {args.repeats} repeats"
         )
         print(f"# {meta['memory']}")
+        print(
+            f"# % peak: useful FLOP/s over a 2048x2048 torch.mm in dtype '{args.peak_dtype}', timed before each repeat"
+        )
         print(f"# load average (1, 5, 15 min) before: {meta['load_avg_before']}")
         print("\n".join(format_table([]).splitlines()[:2]), flush=True)
 

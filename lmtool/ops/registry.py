@@ -20,6 +20,12 @@ class _Impl:
     fn: Callable
     devices: tuple[str, ...] | None  # None: any device type
     priority: int  # "auto" picks the highest available
+    is_available: Callable[[torch.device], bool] | None  # e.g. "the extension builds on this machine"
+
+    def runs_on(self, device: torch.device) -> bool:
+        if self.devices is not None and device.type not in self.devices:
+            return False
+        return self.is_available is None or bool(self.is_available(device))
 
 
 _REGISTRY: dict[str, dict[str, _Impl]] = {}
@@ -32,22 +38,24 @@ def register_impl(
     *,
     devices: tuple[str, ...] | None = None,
     priority: int = 0,
+    is_available: Callable[[torch.device], bool] | None = None,
 ) -> None:
     """Register ``fn`` as form ``name`` of ``op`` ("delta_rule", "sum_rule").
 
     ``fn`` takes the op's exact signature without ``impl``. ``devices`` limits the device types
-    (``("cuda",)``) it runs on; ``None`` means any. Re-registering a name replaces it.
+    (``("cuda",)``) it runs on; ``None`` means any. ``is_available(device)``, if given, is asked at dispatch
+    time (e.g. whether native kernels compiled). ``impl="auto"`` picks the available form with the highest
+    ``priority``. Re-registering a name replaces it.
     """
     if name == AUTO:
         raise ValueError(f"'{AUTO}' is reserved and cannot be registered as an impl")
-    _REGISTRY.setdefault(op, {})[name] = _Impl(fn, devices, priority)
+    _REGISTRY.setdefault(op, {})[name] = _Impl(fn, devices, priority, is_available)
 
 
 def available_impls(op: str, device: torch.device | str | None = None) -> list[str]:
     """Names of the forms of ``op`` that run on ``device`` (all registered ones if None), best first."""
     impls = _REGISTRY.get(op, {})
-    dev_type = None if device is None else torch.device(device).type
-    names = [n for n, i in impls.items() if dev_type is None or i.devices is None or dev_type in i.devices]
+    names = [n for n, i in impls.items() if device is None or i.runs_on(torch.device(device))]
     return sorted(names, key=lambda n: -impls[n].priority)
 
 
@@ -66,6 +74,11 @@ def resolve_impl(op: str, impl: str, device: torch.device) -> Callable:
     if entry.devices is not None and device.type not in entry.devices:
         raise ValueError(
             f"{op}: impl '{impl}' runs on {'/'.join(entry.devices)}, not on '{device.type}'; "
+            f"use impl='auto' or one of: {', '.join(available_impls(op, device))}"
+        )
+    if not entry.runs_on(device):
+        raise ValueError(
+            f"{op}: impl '{impl}' is not available on this machine; "
             f"use impl='auto' or one of: {', '.join(available_impls(op, device))}"
         )
     return entry.fn

@@ -163,3 +163,29 @@ def test_delta_rule_with_beta_one_overwrites_the_stored_value(make_case, impl):
     beta = torch.ones(1, 1, 2, dtype=torch.float64)
     o, _ = case.call(inputs=[k, k, case.v, beta], impl=impl)
     torch.testing.assert_close(o[0, 0], case.v[0, 0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_chunk_accepts_non_contiguous_inputs(make_case, op):
+    """Inputs that are transposed views of [B, L, H, D] tensors (as a layer produces) give the same results."""
+    case = make_case(op, 2, 3, 21, 5, 4, seed=7)
+    expected = case.outputs_and_grads(CHUNK_FORMS[op], chunk_size=8)
+    for name in ("q", "k", "v", "beta"):
+        x = getattr(case, name)
+        setattr(case, name, x.transpose(1, 2).contiguous().transpose(1, 2))
+    assert not case.q.is_contiguous()
+    actual = case.outputs_and_grads(CHUNK_FORMS[op], chunk_size=8)
+    assert_all_close(actual, expected, names_for(op), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_chunk_gradient_for_a_subset_of_inputs(make_case, op):
+    """When only v requires grad, the chunk form returns the reference's dv."""
+    case = make_case(op, 1, 2, 19, 4, 3, seed=8)
+    grads = []
+    for impl in ("recurrent", "chunk"):
+        inputs = case.inputs()
+        inputs[2] = inputs[2].clone().requires_grad_()
+        o, _ = case.call(inputs=inputs, impl=impl, initial_state=case.s0)
+        grads.append(torch.autograd.grad((o * case.grad_o).sum(), inputs[2])[0])
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-9, atol=1e-10)

@@ -109,3 +109,14 @@ def test_output_dtype_and_state_dtype():
         q, k, v, beta = (x.to(dtype) for x in _inputs())
         o, S = delta_rule(q, k, v, beta, output_final_state=True)
         assert o.dtype == dtype and S.dtype == torch.float32 and S.shape == (2, 3, 4, 5)
+
+
+def test_unavailable_impl_is_skipped_by_auto_and_refused_by_name(monkeypatch):
+    """A form whose availability check fails is not picked by 'auto' and, asked for by name, raises a ValueError."""
+    monkeypatch.setitem(registry._REGISTRY, "sum_rule", dict(registry._REGISTRY["sum_rule"]))
+    register_impl("sum_rule", "broken", lambda *a, **kw: None, priority=100, is_available=lambda device: False)
+    q, k, v, _ = _inputs()
+    assert "broken" not in available_impls("sum_rule", "cpu")
+    assert sum_rule(q, k, v)[0].shape == v.shape
+    with pytest.raises(ValueError, match="'broken' is not available"):
+        sum_rule(q, k, v, impl="broken")
