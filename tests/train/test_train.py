@@ -175,3 +175,14 @@ def test_wandb_offline_run_and_resume_keeps_run_id(tmp_path):
     cfg = compose_config(*QUICK, "logger=wandb", "trainer.max_steps=4")
     Trainer(cfg, tmp_path).fit()
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["wandb_run_id"] == run_id
+
+
+def test_multirun_sweep_writes_summary(tmp_path):
+    """`lmtool-train -m` runs one job per combination, each in its own directory, and writes a summary table."""
+    proc = run_cli(["lmtool-train", "-m", *QUICK, "trainer.max_steps=2", "update_rule=sum,delta",
+                    "hydra.sweep.dir=sweep"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    sweep = tmp_path / "sweep"
+    assert (sweep / "0" / "checkpoints" / "last.pt").is_file() and (sweep / "1" / "checkpoints" / "last.pt").is_file()
+    table = (sweep / "summary.md").read_text().splitlines()
+    assert len(table) == 4 and "update_rule=sum" in table[2] and "update_rule=delta" in table[3]
