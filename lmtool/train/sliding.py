@@ -1,0 +1,46 @@
+"""Sliding-window evaluation: every token scored with a context window of exactly `tgt_len` tokens.
+
+As the seed's sliding-window evaluator for limited-context models: the first window scores all of its
+positions, every later window (shifted by one token) scores only its last position, so each target after
+the first window sees exactly `tgt_len` tokens of context and no state from earlier windows. Instead of one
+window per forward pass, `batch_size` windows are gathered into one batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lmtool.models.lm import CausalLM
+
+
+@torch.no_grad()
+def sliding_window_nll(
+    model: CausalLM,
+    data: torch.Tensor,
+    *,
+    tgt_len: int,
+    batch_size: int,
+    device: torch.device,
+    precision: str = "fp32",
+) -> tuple[float, int]:
+    """Mean NLL (nats/token) of `data[1:]` given `data[:-1]`, windows of `tgt_len`; returns (loss, tokens)."""
+    was_training = model.training
+    model.eval()
+    inputs, targets = data[:-1].long(), data[1:].long()
+    n = targets.numel()
+    length = min(tgt_len, n)
+    total, count = 0.0, 0
+    from lmtool.train.loop import autocast
+
+    with autocast(device, precision):
+        nll, _ = model(inputs[None, :length].to(device), targets[None, :length].to(device))
+        total, count = nll.double().sum().item(), length
+        offsets = torch.arange(length)
+        for start in range(1, n - length + 1, batch_size):
+            starts = torch.arange(start, min(start + batch_size, n - length + 1))
+            index = starts[:, None] + offsets[None, :]  # [W, length] token positions of each window
+            nll, _ = model(inputs[index].to(device), targets[index].to(device))
+            total += nll[:, -1].double().sum().item()
+            count += starts.numel()
+    model.train(was_training)
+    return total / max(count, 1), count
