@@ -16,7 +16,7 @@ from omegaconf import MISSING
 
 @dataclass
 class ModelConfig:
-    name: str = MISSING  # transformer | fwm (token mixer of every block)
+    name: str = MISSING  # transformer | transformer_xl | fwm (token mixer of every block)
     n_layer: int = 4
     d_model: int = 256
     n_head: int = 4
@@ -32,6 +32,20 @@ class ModelConfig:
     # fast weights: pass each layer's state (detached) to the next segment, as the seed's
     # carry_over_fast_weight; reset at every epoch and every evaluation
     carry_over: bool = False
+    # segment memory (transformer, transformer_xl): each layer attends to its input of the previous segments,
+    # the last mem_len positions, detached; carried across training and evaluation segments, reset per epoch.
+    # mem_len, same_length and clamp_len are evaluation-time knobs (not part of the checkpoint signature).
+    mem_len: int = 0
+    same_length: bool = False  # every query attends to the mem_len keys ending at itself (needs mem_len > 0)
+    clamp_len: int = 0  # transformer_xl: relative distances beyond clamp_len use clamp_len's encoding; 0 = off
+    untie_r: bool = False  # transformer_xl: a content/position bias pair per layer (default: one shared pair)
+    # adaptive input + adaptive softmax (Baevski & Auli 2019; Grave et al. 2017): vocabulary clusters split at
+    # `cutoffs`, cluster i embedded in d_model // div_val**i dimensions; tie_weight shares the tables between
+    # input and output, tie_projs the tail clusters' projections
+    adaptive: bool = False
+    cutoffs: list[int] = field(default_factory=list)
+    div_val: int = 1
+    tie_projs: bool = True
 
 
 @dataclass
@@ -60,6 +74,7 @@ class DatasetConfig:
     cache_dir: str | None = None  # None: $LMTOOL_CACHE or ~/.cache/lmtool
     min_freq: int = 1
     max_size: int | None = None
+    url: str | None = None  # lmtool-prepare: mirror (http(s)://, file:// or a directory) holding the archives
 
 
 @dataclass
@@ -142,7 +157,7 @@ class PrepareConfig:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "model.name": ("transformer", "fwm"),
+    "model.name": ("transformer", "transformer_xl", "fwm"),
     "update_rule.name": ("sum", "delta"),
     "update_rule.impl": ("auto", "recurrent", "chunk", "cuda"),
     "update_rule.qk_norm": ("sum", "l2", "none"),
@@ -192,6 +207,8 @@ def validate(cfg: Any) -> None:
     model = _lookup(cfg, "model")
     if model is not None and model.name == "fwm":
         _validate_fast_weights(cfg)
+    if model is not None:
+        _validate_memory_and_adaptive(model)
 
 
 def _validate_fast_weights(cfg: Any) -> None:
@@ -208,6 +225,30 @@ def _validate_fast_weights(cfg: Any) -> None:
             "model.carry_over=true needs model.pos_emb=false: absolute positions restart at every segment "
             "while the carried fast weights do not"
         )
+
+
+def _validate_memory_and_adaptive(model: Any) -> None:
+    for key in ("mem_len", "clamp_len"):
+        if model[key] < 0:
+            raise ConfigError(f"model.{key} must be at least 0, got {model[key]}")
+    if model.mem_len > 0 and model.name not in ("transformer", "transformer_xl"):
+        raise ConfigError(f"model.mem_len applies to model=transformer or transformer_xl, not {model.name}")
+    if model.same_length and model.mem_len < 1:
+        raise ConfigError("model.same_length=true attends to the last mem_len keys: set model.mem_len > 0")
+    if model.name == "transformer_xl" and model.pos_emb:
+        raise ConfigError("model=transformer_xl uses relative positions: set model.pos_emb=false")
+    if model.div_val < 1:
+        raise ConfigError(f"model.div_val must be at least 1, got {model.div_val}")
+    cutoffs = list(model.cutoffs)
+    if model.adaptive:
+        if any(c < 1 for c in cutoffs) or cutoffs != sorted(set(cutoffs)):
+            raise ConfigError(f"model.cutoffs={cutoffs} must be positive and strictly increasing")
+        if model.d_model // model.div_val ** len(cutoffs) < 1:
+            raise ConfigError(
+                f"model.div_val={model.div_val} shrinks the last of {len(cutoffs) + 1} clusters below one dimension"
+            )
+    elif cutoffs or model.div_val != 1:
+        raise ConfigError("model.cutoffs and model.div_val configure the adaptive softmax: set model.adaptive=true")
 
 
 def register_configs() -> None:

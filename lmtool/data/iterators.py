@@ -42,7 +42,7 @@ class LMOrderedIterator:
     """Contiguous streams of ``data`` read in segments of ``tgt_len`` (or variable) tokens.
 
     Args:
-        data: 1-D integer tensor of token ids (one split of a corpus).
+        data: 1-D integer tensor of token ids (one split of a corpus; any integer dtype, segments are int64).
         batch_size: number of streams ``B`` of the *global* batch.
         tgt_len: segment length (the mean one with ``varlen``).
         varlen: Transformer-XL's variable segment lengths (training only; see the module docstring).
@@ -77,7 +77,9 @@ class LMOrderedIterator:
         if not 0 <= start < stop <= batch_size:
             raise ValueError(f"stream_range must be (start, stop) with 0 <= start < stop <= {batch_size}")
         streams = data[: stream_len * batch_size].view(batch_size, stream_len)
-        self.streams = streams[start:stop].long()  # [B_local, N]
+        # [B_local, N] in the corpus dtype (int16/int32, possibly memory-mapped): a view, no copy;
+        # each segment is widened to int64 when it is cut
+        self.streams = streams[start:stop]
         self.batch_size = batch_size
         self.tgt_len = tgt_len
         self.varlen = varlen
@@ -156,8 +158,8 @@ class LMOrderedIterator:
 
     def _segment_at(self, span: tuple[int, int], *, first: bool) -> Segment:
         s, n = span
-        inp = self.streams[:, s : s + n].contiguous()
-        tgt = self.streams[:, s + 1 : s + 1 + n].contiguous()
+        inp = self.streams[:, s : s + n].long().contiguous()
+        tgt = self.streams[:, s + 1 : s + 1 + n].long().contiguous()
         return Segment(inp, tgt, first)
 
     def _varlen_schedule(self, epoch: int, total: int) -> list[tuple[int, int]]:

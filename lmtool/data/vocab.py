@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from itertools import repeat
 from typing import Any
 
+import numpy as np
 import torch
 
 DEFAULT_UNK = "<unk>"
@@ -163,6 +164,27 @@ class Vocab:
             return torch.zeros(0, dtype=torch.long)
         return torch.frombuffer(ids, dtype=torch.long).clone()
 
+    def encode_stream(self, lines: Iterable[Iterable[str]], *, size: int | None = None) -> torch.Tensor:
+        """Encode token sequences into one 1-D int32 tensor, streaming: no token list is ever held.
+
+        Ids go through a small ``array`` block into a numpy buffer preallocated to ``size`` tokens (the
+        count from the vocabulary pass) or grown by realloc when it is unknown or exceeded, then trimmed.
+        Peak memory is the int32 output plus one block, whatever the corpus size. A sequence may be a
+        list of tokens or, for character corpora, a ``str`` whose characters are the tokens.
+        """
+        out = _Int32Buffer(size)
+        block = array(_INT32)
+        try:
+            for tokens in lines:
+                block.extend(self._ids(tokens))
+                if len(block) >= _BLOCK:
+                    out.append(block)
+                    del block[:]
+        except KeyError as err:
+            raise self._unknown(err) from None
+        out.append(block)
+        return torch.from_numpy(out.finish())
+
     def decode(self, ids: Iterable[int] | torch.Tensor) -> list[str]:
         """Symbols of ``ids`` (ints or a tensor of any shape, flattened)."""
         if isinstance(ids, torch.Tensor):
@@ -197,6 +219,34 @@ class Vocab:
         if not isinstance(symbols, list):
             raise ValueError("vocabulary state: 'symbols' must be a list of str")
         return cls(symbols, unk=state.get("unk"))
+
+
+_INT32 = "i"  # array typecode of a C int: 32 bits on every platform torch supports
+_BLOCK = 1 << 16  # ids buffered per copy into the output
+if array(_INT32).itemsize != 4:  # pragma: no cover - no such platform in practice
+    raise ImportError("lmtool needs a 32-bit C int (array typecode 'i')")
+
+
+class _Int32Buffer:
+    """A numpy int32 array filled from the front, grown by 1.5x with ``ndarray.resize``: a realloc, which
+    glibc serves for large blocks with mremap (no copy, no second buffer) and trims at the end."""
+
+    def __init__(self, capacity: int | None) -> None:
+        self.data = np.empty(max(int(capacity or 0), _BLOCK), dtype=np.int32)
+        self.n = 0
+
+    def append(self, block: array) -> None:
+        k = len(block)
+        if k == 0:
+            return
+        if self.n + k > len(self.data):
+            self.data.resize(max(self.n + k, len(self.data) * 3 // 2), refcheck=False)
+        self.data[self.n : self.n + k] = np.frombuffer(block, dtype=np.int32, count=k)
+        self.n += k
+
+    def finish(self) -> np.ndarray:
+        self.data.resize(self.n, refcheck=False)
+        return self.data
 
 
 def char_tokens(words: Sequence[str], *, sep: str = "_", eol: str | None = DEFAULT_EOL) -> list[str]:

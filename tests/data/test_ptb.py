@@ -12,7 +12,7 @@ def test_ptb_word_counts_and_types(ptb):
     assert (ptb.train.numel(), ptb.valid.numel(), ptb.test.numel()) == (929_589, 73_760, 82_430)
     assert len(ptb.vocab) == 10_000
     assert (ptb.level, ptb.metric) == ("word", "ppl")
-    assert all(t.dtype == torch.long and t.dim() == 1 for t in (ptb.train, ptb.valid, ptb.test))
+    assert all(t.dtype == torch.int16 and t.dim() == 1 for t in (ptb.train, ptb.valid, ptb.test))
     assert ptb.vocab.index("<eos>") == 0 and ptb.vocab.unk == "<unk>"
 
 
