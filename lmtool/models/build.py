@@ -14,7 +14,28 @@ def make_mixer_factory(cfg: Any):
     """Return `layer_index -> token mixer` for `cfg.model.name`."""
     m = cfg.model
     if m.name == "transformer":
-        return lambda i: SoftmaxAttention(m.d_model, m.n_head, m.d_head, m.dropout, m.dropatt)
+        return lambda i: SoftmaxAttention(
+            m.d_model, m.n_head, m.d_head, m.dropout, m.dropatt, mem_len=m.mem_len, same_length=m.same_length
+        )
+    if m.name == "transformer_xl":
+        from lmtool.layers.relative_attention import RelativeAttention, RelativeBiases
+
+        shared = None if m.untie_r else RelativeBiases(m.n_head, m.d_head)  # Transformer-XL's default
+
+        def make_xl(i: int) -> nn.Module:
+            return RelativeAttention(
+                m.d_model,
+                m.n_head,
+                m.d_head,
+                m.dropout,
+                m.dropatt,
+                biases=shared if shared is not None else RelativeBiases(m.n_head, m.d_head),
+                mem_len=m.mem_len,
+                same_length=m.same_length,
+                clamp_len=m.clamp_len,
+            )
+
+        return make_xl
     if m.name == "fwm":
         from lmtool.layers.fast_weight import FastWeightAttention
         from lmtool.layers.feature_maps import make_feature_map
@@ -62,6 +83,11 @@ def build_model(cfg: Any, vocab_size: int) -> CausalLM:
         pos_emb=m.pos_emb,
         init_std=m.init_std,
         proj_init_std=m.proj_init_std,
+        adaptive=m.adaptive,
+        cutoffs=list(m.cutoffs),
+        div_val=m.div_val,
+        tie_projs=m.tie_projs,
+        carry_over=m.carry_over,
     )
 
 
@@ -71,8 +97,10 @@ def model_signature(cfg: Any) -> dict:
     from omegaconf import OmegaConf
 
     sig = {"model": OmegaConf.to_container(cfg.model, resolve=True)}
-    for key in ("dropout", "dropatt", "init_std", "proj_init_std", "carry_over"):
-        sig["model"].pop(key, None)  # training-time knobs, free to change on resume or evaluation
+    # training- and evaluation-time knobs, free to change on resume or evaluation
+    for key in ("dropout", "dropatt", "init_std", "proj_init_std", "carry_over", "mem_len", "same_length",
+                "clamp_len"):
+        sig["model"].pop(key, None)
     if cfg.model.name == "fwm":
         sig["update_rule"] = {k: v for k, v in cfg.update_rule.items() if k != "impl"}
         sig["feature_map"] = dict(cfg.feature_map)

@@ -1,20 +1,22 @@
-"""The one causal language model of lmtool: embedding -> block stack -> tied softmax.
+"""The one causal language model of lmtool: embedding -> block stack -> (adaptive) softmax.
 
-Token mixers (softmax attention, fast weight attention, ...) plug in through a factory, so every model
-family is this class with a different mixer. Each mixer may carry a per-layer state across segments
-(fast weights); the model passes a list of those states in and returns the new list.
+Token mixers (softmax attention, relative attention, fast weight attention, ...) plug in through a factory,
+so every model family is this class with a different mixer. Each mixer may carry a per-layer state across
+segments (fast weights, or a Transformer-XL segment memory); the model passes a list of those states in and
+returns the new list.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmtool.layers.adaptive import AdaptiveEmbedding, AdaptiveLogSoftmax
 from lmtool.layers.feedforward import FeedForward
 from lmtool.layers.positional import SinusoidalPositions
 
@@ -44,8 +46,25 @@ class CausalLM(nn.Module):
     """Causal LM over `[B, L]` token ids.
 
     `forward(inp, tgt=None, state=None, return_state=False)` returns `(out, new_state)` where `out` is the
-    per-token negative log-likelihood `[B, L]` (float32) when `tgt` is given, else the logits `[B, L, V]`.
-    `state` is a list with one entry per layer (None for stateless mixers).
+    per-token negative log-likelihood `[B, L]` (float32, or float64 for a float64 model) when `tgt` is given,
+    else scores `[B, L, V]`: the logits, or with the adaptive softmax the exact log-probabilities (which are
+    also valid logits: softmax returns the same distribution). `state` is a list with one entry per layer
+    (None for stateless mixers); the new list is returned when `return_state`, else None.
+
+    Embedding: a tied `[V, d_model]` table, or adaptive input (`adaptive`, `cutoffs`, `div_val`), scaled by
+    sqrt(d_model). Positions: absolute sinusoidal (`pos_emb`), never with a mixer that has
+    `relative_positions`. A mixer with a segment memory carries it as one tensor `[B, M, d_model]`; the
+    absolute positions of the current tokens then start at M (the first layer's memory length), so that a
+    segment with its memory sees what one pass over memory + segment would. The memory holds the mixer's
+    input: with pre-LN the normalised block input (Transformer-XL keeps the raw one and normalises it with the
+    current LayerNorm: the same at evaluation, and up to one LayerNorm update in training).
+
+    Output: a linear softmax tied to the embedding (`tie_weight`), or the adaptive softmax sharing the tables
+    (`tie_weight`) and the tail projections (`tie_projs`) with the adaptive input.
+
+    Absolute positions with a memory (model=transformer, mem_len > 0): once the memory is full every segment
+    gets the positions mem_len .. mem_len + L - 1, while the memory holds states computed with their own
+    earlier positions; only the relative mixer is free of that (Transformer-XL's motivation).
     """
 
     def __init__(
@@ -62,26 +81,51 @@ class CausalLM(nn.Module):
         pos_emb: bool = True,
         init_std: float = 0.02,
         proj_init_std: float = 0.01,
+        adaptive: bool = False,
+        cutoffs: Sequence[int] = (),
+        div_val: int = 1,
+        tie_projs: bool = True,
+        carry_over: bool = False,
     ) -> None:
         super().__init__()
-        self.vocab_size, self.d_model = vocab_size, d_model
-        self.embed = nn.Embedding(vocab_size, d_model)
-        self.positions = SinusoidalPositions(d_model) if pos_emb else None
+        self.vocab_size, self.d_model, self.carry_over = vocab_size, d_model, carry_over
+        if adaptive:
+            self.embed: nn.Module = AdaptiveEmbedding(vocab_size, d_model, cutoffs, div_val)
+        else:
+            self.embed = nn.Embedding(vocab_size, d_model)
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
             Block(make_mixer(i), d_model, d_inner, dropout, pre_lnorm) for i in range(n_layer)
         )
+        if pos_emb and any(getattr(b.mixer, "relative_positions", False) for b in self.blocks):
+            raise ValueError("the token mixer uses relative positions: build the model with pos_emb=False")
+        self.positions = SinusoidalPositions(d_model) if pos_emb else None
         # pre-LN leaves the residual stream unnormalised: normalise once before the softmax
         self.final_norm = nn.LayerNorm(d_model) if pre_lnorm else nn.Identity()
-        self.output = nn.Linear(d_model, vocab_size)
+        if adaptive:
+            self.output = AdaptiveLogSoftmax(vocab_size, d_model, cutoffs, div_val)
+        else:
+            self.output = nn.Linear(d_model, vocab_size)
         self._init_weights(init_std, proj_init_std)
-        if tie_weight:
+        if adaptive:
+            self.output.tie(self.embed, weights=tie_weight, projs=tie_projs)
+        elif tie_weight:
             self.output.weight = self.embed.weight
+
+    @property
+    def has_memory(self) -> bool:
+        """Whether a mixer keeps a segment memory (mem_len > 0), carried across segments like Transformer-XL."""
+        return any(getattr(block.mixer, "mem_len", 0) > 0 for block in self.blocks)
+
+    @property
+    def carries_state(self) -> bool:
+        """Whether training passes each layer's state to the next segment: carried fast weights or memory."""
+        return self.carry_over or self.has_memory
 
     def _init_weights(self, init_std: float, proj_init_std: float) -> None:
         """The seed's initialisation: N(0, init_std) weights, zero biases, LayerNorm gains N(1, init_std);
-        modules with their own `reset_parameters(init_std, proj_init_std)` (e.g. projections of
-        feature maps) are delegated to."""
+        modules with their own `init_parameters(init_std, proj_init_std)` (feature maps, adaptive
+        embedding and softmax, relative biases) are delegated to."""
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, 0.0, init_std)
@@ -101,20 +145,27 @@ class CausalLM(nn.Module):
         state: list[Any] | None = None,
         return_state: bool = False,
     ) -> tuple[torch.Tensor, list[Any] | None]:
+        states = state if state is not None else [None] * len(self.blocks)
         h = self.embed(inp) * math.sqrt(self.d_model)
         if self.positions is not None:
-            h = h + self.positions(inp.shape[1]).to(h.dtype)
+            offset = states[0].shape[1] if isinstance(states[0], torch.Tensor) else 0  # memory length
+            h = h + self.positions(inp.shape[1], offset).to(h.dtype)
         h = self.drop(h)
-        states = state if state is not None else [None] * len(self.blocks)
         new_states = []
         for block, layer_state in zip(self.blocks, states, strict=True):
             h, layer_state = block(h, layer_state, return_state)
             new_states.append(layer_state)
-        logits = self.output(self.final_norm(h))
+        h = self.final_norm(h)
         out_state = new_states if return_state else None
+        if isinstance(self.output, AdaptiveLogSoftmax):
+            if tgt is None:
+                return self.output.log_prob(h.flatten(0, 1)).view(*inp.shape, -1), out_state
+            return self.output(h.flatten(0, 1), tgt.flatten()).view_as(tgt), out_state
+        logits = self.output(h)
         if tgt is None:
             return logits, out_state
-        nll = F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), reduction="none")
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        nll = F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), reduction="none")
         return nll.view_as(tgt), out_state
 
 

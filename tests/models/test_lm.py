@@ -9,7 +9,12 @@ from lmtool.models.build import build_model
 from tests.helpers import compose_config
 
 PAIRS = [(rule, fmap) for rule in ("sum", "delta") for fmap in ("elu", "favor", "dpfp")]
-MODELS = [("model=transformer",), *[("model=fwm", f"update_rule={r}", f"feature_map={f}") for r, f in PAIRS]]
+MODELS = [
+    ("model=transformer",),
+    ("model=transformer_xl",),
+    ("model=transformer_xl", "model.adaptive=true", "model.cutoffs=[10,20]", "model.div_val=2"),
+    *[("model=fwm", f"update_rule={r}", f"feature_map={f}") for r, f in PAIRS],
+]
 
 
 def tiny(*overrides: str, vocab: int = 37) -> torch.nn.Module:
