@@ -21,6 +21,7 @@ from lmtool.config import validate
 from lmtool.data import LMOrderedIterator, load_corpus
 from lmtool.models.build import build_model, model_signature
 from lmtool.models.lm import CausalLM, detach_state, map_state
+from lmtool.train import distributed
 from lmtool.train.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -28,6 +29,7 @@ from lmtool.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from lmtool.train.distributed import Topology
 from lmtool.train.metrics import MetricsWriter, perplexity_fields
 from lmtool.train.optim import LRSchedule, build_optimizer
 
@@ -85,16 +87,24 @@ def evaluate(
     device: torch.device,
     precision: str = "fp32",
     max_segments: int | None = None,
+    topology: Topology | None = None,
 ) -> tuple[float, int]:
     """Mean NLL (nats/token) over `data` in non-overlapping segments of `tgt_len` over `batch_size` streams.
 
-    carry=True passes each layer's state (fast weights) from one segment to the next; otherwise every
-    segment starts from an empty state. Returns (loss, tokens scored).
+    carry=True passes each layer's state (fast weights, memory) from one segment to the next; otherwise every
+    segment starts from an empty state, except that a model with a segment memory (Transformer-XL, mem_len > 0)
+    always carries it, as Transformer-XL evaluates. Returns (loss, tokens scored).
+
+    With a distributed `topology` each rank scores its contiguous slice of the `batch_size` streams and the
+    NLL sums and token counts are all-reduced, so every rank returns the single-process result.
     """
+    carry = carry or model.has_memory
     was_training = model.training
     model.eval()
     total, count, state = 0.0, 0, None
-    iterator = LMOrderedIterator(data, batch_size, tgt_len)
+    split = topology is not None and topology.distributed
+    stream_range = topology.stream_range(batch_size) if split else None
+    iterator = LMOrderedIterator(data, batch_size, tgt_len, stream_range=stream_range)
     for i, seg in enumerate(iterator):
         if max_segments is not None and i >= max_segments:
             break
@@ -104,38 +114,61 @@ def evaluate(
         total += nll.double().sum().item()
         count += nll.numel()
     model.train(was_training)
+    if split:
+        total, count = distributed.all_reduce_sum([total, count])
+        count = int(count)
     return total / max(count, 1), count
 
 
 class Trainer:
-    """Trains `cfg` in `run_dir`; resumes from `run_dir/checkpoints/last.pt` or `trainer.resume`."""
+    """Trains `cfg` in `run_dir`; resumes from `run_dir/checkpoints/last.pt` or `trainer.resume`.
 
-    def __init__(self, cfg: Any, run_dir: Path) -> None:
+    Under several processes (`topology`, default: the one `distributed.init_distributed` set up) the model is
+    wrapped in DistributedDataParallel and each rank reads its contiguous slice of the global batch's streams
+    (trainer.batch_size is the global batch); carried states stay per rank. Every rank is seeded alike, so
+    FAVOR+ redraws from the global RNG agree. Rank 0 alone writes the run directory and the wandb run; the
+    checkpoint holds every rank's RNG state and the carried states of the whole batch, so all ranks resume
+    from the same last.pt exactly.
+    """
+
+    def __init__(self, cfg: Any, run_dir: Path, topology: Topology | None = None) -> None:
         validate(cfg)
         self.cfg, self.t = cfg, cfg.trainer
+        self.topology = topology or distributed.current_topology()
+        distributed.check_batch_split(self.t, self.topology)
+        self.is_main = self.topology.is_main
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.device = resolve_device(self.t.device)
+        if self.device.type == "cuda" and self.topology.distributed:
+            self.device = torch.device("cuda", torch.cuda.current_device())  # one GPU per process
         if self.t.num_threads > 0:
             torch.set_num_threads(self.t.num_threads)
         torch.manual_seed(cfg.seed)
         d = cfg.dataset
-        self.corpus = load_corpus(
-            d.name, data_dir=d.data_dir, cache_dir=d.cache_dir, min_freq=d.min_freq, max_size=d.max_size
-        )
+        with distributed.main_first():  # rank 0 builds the corpus cache, the others read it
+            self.corpus = load_corpus(
+                d.name, data_dir=d.data_dir, cache_dir=d.cache_dir, min_freq=d.min_freq, max_size=d.max_size
+            )
         self.model = build_model(cfg, len(self.corpus.vocab)).to(self.device)
         self.optimizer = build_optimizer(cfg.optimizer, self.model.parameters())
         self.schedule = LRSchedule(self.optimizer, cfg.scheduler, self.t.max_steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.t.precision == "fp16")
         self.train_iter = LMOrderedIterator(
-            self.corpus.train, self.t.batch_size, self.t.tgt_len, varlen=self.t.varlen, seed=cfg.seed
+            self.corpus.train, self.t.batch_size, self.t.tgt_len, varlen=self.t.varlen, seed=cfg.seed,
+            stream_range=self.topology.stream_range(self.t.batch_size),
         )
         self.step, self.best_valid, self.carried = 0, math.inf, None
-        self.stop_requested = False
+        self.stop_requested, self.stop_signals = False, []
         wandb_id = self._maybe_resume()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, self.run_dir / "resolved_config.yaml", resolve=True)
-        self.writer = MetricsWriter(self.run_dir, cfg, wandb_id)
+        self.ddp = self.model  # what the training forward calls: the DDP wrapper under several processes
+        if self.topology.distributed:
+            device_ids = [self.device] if self.device.type == "cuda" else None
+            self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(cfg, self.run_dir / "resolved_config.yaml", resolve=True)
+        self.writer = MetricsWriter(self.run_dir, cfg, wandb_id, enabled=self.is_main)
 
     # -- checkpoints -------------------------------------------------------------------------------
 
@@ -164,12 +197,21 @@ class Trainer:
         }
 
     def save(self, best: bool = False) -> None:
-        last = self.ckpt_dir / "last.pt"
-        save_checkpoint(last, self._payload())
-        if best:
-            tmp = self.ckpt_dir / "best.pt.tmp"
-            shutil.copyfile(last, tmp)
-            tmp.replace(self.ckpt_dir / "best.pt")
+        """Write last.pt (and best.pt) on rank 0; every rank calls it, and returns once the file is there."""
+        extra = {}
+        if self.topology.distributed:
+            # every rank's RNG state, and the carried states of the whole batch (rank order = stream order)
+            gathered = distributed.all_gather((rng_state(), map_state(lambda t: t.cpu(), self.carried)))
+            extra = {"rng_per_rank": [rng for rng, _ in gathered],
+                     "carried": merge_state([carried for _, carried in gathered])}
+        if self.is_main:
+            last = self.ckpt_dir / "last.pt"
+            save_checkpoint(last, {**self._payload(), **extra})
+            if best:
+                tmp = self.ckpt_dir / "best.pt.tmp"
+                shutil.copyfile(last, tmp)
+                tmp.replace(self.ckpt_dir / "best.pt")
+        distributed.barrier()
 
     def _maybe_resume(self) -> str | None:
         path = Path(self.t.resume) if self.t.resume else self.ckpt_dir / "last.pt"
@@ -182,29 +224,42 @@ class Trainer:
         self.schedule.load_state_dict(ckpt["schedule"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.train_iter.load_state_dict(ckpt["data"])
-        set_rng_state(ckpt["rng"])
+        per_rank = ckpt.get("rng_per_rank")
+        same_layout = per_rank is not None and len(per_rank) == self.topology.world_size
+        # another process count: rank 0's RNG for all, which keeps the ranks' RNGs identical
+        set_rng_state(per_rank[self.topology.rank] if same_layout else ckpt["rng"])
         self.step, self.best_valid = ckpt["step"], ckpt["best_valid"]
-        self.carried = map_state(lambda t: t.to(self.device), ckpt["carried"])
+        carried = ckpt["carried"]
+        if self.topology.distributed:  # the checkpoint holds the whole batch's state: take this rank's streams
+            carried = split_state(carried, self.topology.world_size)[self.topology.rank]
+        self.carried = map_state(lambda t: t.to(self.device), carried)
         log.info("resumed from %s at step %d", path, self.step)
         return ckpt.get("wandb_run_id")
 
     # -- training ----------------------------------------------------------------------------------
 
     def train_step(self, seg) -> float:
-        """One optimizer step on one segment, split into batch_chunk micro-batches."""
+        """One optimizer step on one segment, split into batch_chunk micro-batches; returns the global loss.
+
+        Under DDP the gradients are averaged over ranks once, after the last micro-batch (`no_sync` before).
+        """
         n = self.t.batch_chunk
-        carry = self.cfg.model.carry_over
+        carry = self.model.carries_state  # carried fast weights or a segment memory; reset every epoch
         if seg.first or not carry:
             self.carried = None
         inputs, targets = seg.inp.to(self.device).chunk(n), seg.tgt.to(self.device).chunk(n)
         states, new_states, total = split_state(self.carried, n), [], 0.0
-        for inp, tgt, state in zip(inputs, targets, states, strict=True):
-            with autocast(self.device, self.t.precision):
-                nll, new_state = self.model(inp, tgt, state, return_state=carry)
-            loss = nll.mean() / n
-            self.scaler.scale(loss).backward()
+        for i, (inp, tgt, state) in enumerate(zip(inputs, targets, states, strict=True)):
+            accumulate = self.topology.distributed and i < n - 1
+            with self.ddp.no_sync() if accumulate else nullcontext():
+                with autocast(self.device, self.t.precision):
+                    nll, new_state = self.ddp(inp, tgt, state, return_state=carry)
+                loss = nll.mean() / n
+                self.scaler.scale(loss).backward()
             total += loss.item()
             new_states.append(detach_state(new_state))
+        if self.topology.distributed:  # the mean over ranks (equal local batches); all ranks agree on NaN
+            total = distributed.all_reduce_sum([total])[0] / self.topology.world_size
         if not math.isfinite(total):
             self.optimizer.zero_grad(set_to_none=True)
             raise TrainingDiverged(
@@ -232,19 +287,28 @@ class Trainer:
             device=self.device,
             precision=self.t.precision,
             max_segments=max_segments,
+            topology=self.topology,
         )
         return loss
 
     def _request_stop(self, signum, frame) -> None:
-        if self.stop_requested:  # a second signal: stop now
+        # Ctrl-C twice stops a single process at once; launchers (torchrun, SLURM, submitit) follow their
+        # first signal with more of them while shutting down, which must not cut the checkpoint short
+        if signum == signal.SIGINT and signum in self.stop_signals and self.topology.launcher == "single":
             raise KeyboardInterrupt
-        log.warning("signal %d received: finishing step %d, then saving and stopping", signum, self.step + 1)
+        if not self.stop_signals:
+            log.warning("signal %d received: finishing step %d, then saving and stopping", signum, self.step + 1)
+        self.stop_signals.append(signum)
         self.stop_requested = True
 
     def _install_signal_handlers(self) -> list:
         if threading.current_thread() is not threading.main_thread():
             return []
-        old = [(s, signal.getsignal(s)) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)]
+        signals = [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1]
+        requeue = distributed.requeue_signal()  # submitit's timeout/preemption signal, USR2 by default
+        if requeue is not None and requeue not in signals:
+            signals.append(requeue)
+        old = [(s, signal.getsignal(s)) for s in signals]
         for s, _ in old:
             signal.signal(s, self._request_stop)
         return old
@@ -255,21 +319,41 @@ class Trainer:
         try:
             with logging_redirect_tqdm():
                 finished = self._loop()
-            if not finished:
-                return {"step": self.step, "interrupted": True}
-            return self.final_evaluation() if self.t.final_eval else {"step": self.step}
+            if finished:
+                return self.final_evaluation() if self.t.final_eval else {"step": self.step}
         finally:
             for s, h in old_handlers:
                 signal.signal(s, h)
             self.writer.close()
+        self._pass_on_requeue_signal(dict(old_handlers))
+        return {"step": self.step, "interrupted": True}
+
+    def _pass_on_requeue_signal(self, previous: dict) -> None:
+        """Once last.pt is saved on submitit's timeout/preemption signal, hand the signal to submitit.
+
+        Its handler (rank 0) resubmits the job (the Hydra submitit launcher's `checkpoint`) and exits; the
+        requeued job runs in the same run directory and resumes from last.pt.
+        """
+        requeue = distributed.requeue_signal()
+        handler = previous.get(requeue)
+        if requeue in self.stop_signals and callable(handler):
+            log.warning("checkpoint saved at step %d; asking submitit to requeue the job", self.step)
+            handler(requeue, None)
+
+    def _stop_agreed(self) -> bool:
+        """Whether to save and stop before the next step: a signal reached this process or, under DDP, any rank."""
+        if self.topology.distributed:  # all ranks must stop after the same step
+            return distributed.any_rank(self.stop_requested)
+        return self.stop_requested
 
     def _loop(self) -> bool:
         t, metric = self.t, self.corpus.metric
-        bar = tqdm(total=t.max_steps, initial=self.step, disable=not t.progress, desc="train", dynamic_ncols=True)
+        bar = tqdm(total=t.max_steps, initial=self.step, disable=not (t.progress and self.is_main), desc="train",
+                   dynamic_ncols=True)
         window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
         segments = self.train_iter.iter_train()
         while self.step < t.max_steps:
-            if self.stop_requested:
+            if self._stop_agreed():
                 self.save()
                 log.warning("stopped at step %d; launch again in %s to resume", self.step, self.run_dir)
                 bar.close()
@@ -277,7 +361,7 @@ class Trainer:
             seg = next(segments)
             window_loss += self.train_step(seg)
             window_steps += 1
-            window_tokens += seg.tgt.numel()
+            window_tokens += seg.tgt.numel() * self.topology.world_size
             bar.update(1)
             if self.step % t.log_interval == 0 or self.step == t.max_steps:
                 elapsed = time.perf_counter() - window_start
@@ -327,6 +411,7 @@ class Trainer:
                 carry=self.cfg.model.carry_over,
                 device=self.device,
                 precision=self.t.precision,
+                topology=self.topology,
             )
             record = {"step": self.step, "split": split, "loss": loss, "tokens": tokens,
                       **perplexity_fields(loss, self.corpus.metric), "final": True}
@@ -363,6 +448,6 @@ def _diff(old: dict, new: dict, prefix: str = "") -> str:
     return ""
 
 
-def train(cfg: Any, run_dir: str | Path) -> dict:
+def train(cfg: Any, run_dir: str | Path, topology: Topology | None = None) -> dict:
     """Train (or resume) the run described by `cfg` in `run_dir`; returns the final metrics."""
-    return Trainer(cfg, Path(run_dir)).fit()
+    return Trainer(cfg, Path(run_dir), topology).fit()

@@ -19,13 +19,18 @@ def perplexity_fields(loss: float, metric: str) -> dict:
 
 
 class MetricsWriter:
-    """Appends records to <run dir>/metrics.jsonl and mirrors them to wandb when enabled."""
+    """Appends records to <run dir>/metrics.jsonl and mirrors them to wandb (logger=wandb).
 
-    def __init__(self, run_dir: Path, cfg: Any, wandb_run_id: str | None = None) -> None:
+    `enabled=False` (ranks other than 0 of a distributed run) writes nothing and starts no wandb run. One
+    wandb run per training job: `close` finishes it, so the jobs of a sweep run in one process each get theirs.
+    """
+
+    def __init__(self, run_dir: Path, cfg: Any, wandb_run_id: str | None = None, enabled: bool = True) -> None:
         self.path = run_dir / "metrics.jsonl"
+        self.enabled = enabled
         self.wandb = None
         self.wandb_run_id = wandb_run_id
-        if cfg.logger.name == "wandb":
+        if enabled and cfg.logger.name == "wandb":
             self._start_wandb(run_dir, cfg)
 
     def _start_wandb(self, run_dir: Path, cfg: Any) -> None:
@@ -50,6 +55,8 @@ class MetricsWriter:
         )
 
     def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
