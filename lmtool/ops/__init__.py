@@ -6,6 +6,7 @@ for the delta rule) and return ``(o, final_state)``. ``impl`` selects the form: 
 See ``lmtool/ops/README.md`` for the math.
 """
 
+from lmtool.ops import cuda as _cuda  # noqa: F401  (registers impl="cuda"; builds nothing on import)
 from lmtool.ops.delta_rule import delta_rule
 from lmtool.ops.registry import available_impls, register_impl
 from lmtool.ops.sum_rule import sum_rule

@@ -1,0 +1,89 @@
+// Host API of lmtool's fast-weight kernels: plain C++, no torch and no CUDA headers.
+//
+// The device code (fast_weight_*.cu) implements these functions with pointers, sizes and a stream;
+// the torch glue (fast_weight_binding.cpp) allocates tensors and calls them. Keeping this header free of
+// torch and CUDA types lets `nvcc -c` check the device code and a plain C++ compiler check the binding
+// on machines without a GPU.
+//
+// Layouts (per batch element b and head h, G = B * H sequences, index bh = b * H + h):
+//   q, k        [B, H, L, Dk]  input dtype, any strides for B, H and L, unit stride along Dk
+//   v, dout     [B, H, L, Dv]  input dtype, same rule
+//   beta        [B, H, L]      float32, any strides
+//   states      [B, H, Dk, Dv] float32, contiguous (initial state, final state, their gradients)
+//   out, dv     [B, H, L, Dv]  input dtype, contiguous
+//   resid       [B, H, L, Dv]  float32, contiguous: r_t = v_t - S_{t-1}^T k_t (delta rule only)
+//   ckpt        [B, H, N, Dv, Dk] float32, contiguous: S after token t for every t + 1 = C, 2C, .. < L,
+//               stored column-major (transposed) so that a thread's rows are contiguous
+//   dq_part, dk_part [T, B, H, L, Dk] float32: one partial sum per column tile of S, summed by the caller
+//   dbeta_part  [T, B, H, L]   float32, likewise
+#pragma once
+
+#include <cstdint>
+
+namespace lmtool_fw {
+
+enum DType : int { kFloat32 = 0, kBFloat16 = 1 };
+
+// Largest key width the kernels handle (rows of S held per thread are a compile-time count).
+constexpr int kMaxDk = 512;
+
+struct Strides {
+  int64_t b = 0, h = 0, t = 0;  // in elements; the feature dimension has stride 1
+};
+
+struct ForwardArgs {
+  int dtype = kFloat32;  // of q, k, v and out
+  bool delta = true;     // delta rule (else sum rule)
+  int B = 0, H = 0, L = 0, Dk = 0, Dv = 0;
+  float scale = 1.0f;
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  const float* beta = nullptr;        // delta rule only
+  const float* initial_state = nullptr;  // nullable: zeros
+  Strides sq, sk, sv, sbeta;
+  void* out = nullptr;
+  float* final_state = nullptr;  // always written
+  float* resid = nullptr;        // nullable; delta rule, for the backward
+  float* ckpt = nullptr;         // nullable; for the backward
+  int ckpt_every = 64;           // C
+};
+
+struct BackwardArgs {
+  int dtype = kFloat32;
+  bool delta = true;
+  int B = 0, H = 0, L = 0, Dk = 0, Dv = 0;
+  float scale = 1.0f;
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;        // sum rule only
+  const float* beta = nullptr;    // delta rule only
+  const float* resid = nullptr;   // delta rule only
+  const void* dout = nullptr;
+  Strides sq, sk, sv, sbeta, sdout;
+  const float* final_state = nullptr;   // S after the last token (from the forward)
+  const float* d_final_state = nullptr;  // nullable: zeros
+  const float* ckpt = nullptr;           // nullable when L <= C
+  int ckpt_every = 64;
+  float* dq_part = nullptr;
+  float* dk_part = nullptr;
+  void* dv = nullptr;
+  float* dbeta_part = nullptr;  // delta rule only
+  float* d_initial_state = nullptr;
+};
+
+// Number of checkpoints the forward stores for the backward: one per multiple of C below L.
+inline int num_checkpoints(int L, int ckpt_every) { return L > 0 ? (L - 1) / ckpt_every : 0; }
+
+// Number of column tiles of S the backward splits Dv into (the leading size of the partial sums).
+int backward_tiles(int Dk, int Dv);
+
+// Launch on `stream` (a cudaStream_t). Return 0 (cudaSuccess) or a CUDA error code; errors that the
+// caller should have prevented (bad sizes) return -1.
+int forward(const ForwardArgs& args, void* stream);
+int backward(const BackwardArgs& args, void* stream);
+
+// Human-readable message for a code returned above.
+const char* error_string(int code);
+
+}  // namespace lmtool_fw

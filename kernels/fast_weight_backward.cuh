@@ -1,0 +1,258 @@
+// Backward kernel of the sum and delta rules: one reverse scan per (sequence, column tile of S).
+//
+// With G = dLoss/dS_t (the gradient arriving at the state after token t), going from t = L-1 down to 0:
+//   G   += scale q_t dO_t^T
+//   dq_t = scale S_t dO_t                                        (sum over columns)
+//   du   = G^T k_t                                               (sum over rows: butterfly in the group)
+//   S_{t-1} = S_t - k_t u_t^T                                    (reverse reconstruction, see below)
+//   delta:  dr = beta_t du;  dv_t = dr;  dbeta_t = r_t . du;  dk_t = G u_t - S_{t-1} dr;  G -= k_t dr^T
+//   sum:    dv_t = du;  dk_t = G v_t                             (G is unchanged)
+// and dS_0 = G at the end. u_t = beta_t r_t is rebuilt from the stored residual r_t (delta) or is v_t (sum),
+// so no per-token state is ever stored. Reverse reconstruction alone would accumulate float32 rounding over
+// the whole sequence; instead S is reloaded from the forward's checkpoint after every C-th token, so it runs
+// over at most C - 1 tokens.
+//
+// dq_t, dk_t and dbeta_t are sums over all columns: first over the column groups of a warp (a transposing
+// shuffle reduction), then over the block's warps through shared memory, flushed every `flush` tokens between
+// two barriers at the top level of the loop (never inside a branch), and finally over the column tiles by
+// the caller (per-tile partial sums, a deterministic order).
+//
+// The launcher is in fast_weight_backward.cu; this header holds the device code and the block layout
+// (tests/ops/test_cuda.py also runs it on the CPU under a small SIMT emulation).
+#pragma once
+
+#include <algorithm>
+
+#include "fast_weight_common.cuh"
+
+namespace lmtool_fw {
+
+constexpr int kBwdMaxWarps = 8;
+constexpr int kBwdSharedBytes = 48 * 1024;  // the default dynamic shared-memory limit: no opt-in needed
+constexpr int kBwdMaxFlush = 32;            // tokens between two flushes of the partial sums
+
+template <int NR>
+struct BwdStep {
+  float q[NR];
+  float k[NR];
+  float dout[kNC];
+  float x[kNC];  // r_t (delta rule) or v_t (sum rule)
+  float beta;
+};
+
+struct Layout {
+  int warps, cols_per_block, tiles, flush;
+};
+
+template <class TL>
+Layout layout(int Dv) {
+  const int cols_per_warp = TL::CG * kNC;
+  const int per_token = (2 * TL::DkPad + 1) * static_cast<int>(sizeof(float));  // shared bytes per warp and token
+  int warps = std::min(kBwdMaxWarps, ceil_div(Dv, cols_per_warp));
+  warps = std::max(1, std::min(warps, kBwdSharedBytes / (TL::P * per_token)));
+  int flush = std::min(kBwdMaxFlush, kBwdSharedBytes / (warps * per_token));
+  flush = std::max(TL::P, flush / TL::P * TL::P);  // a multiple of the prefetch depth
+  const int cols_per_block = warps * cols_per_warp;
+  return {warps, cols_per_block, ceil_div(Dv, cols_per_block), flush};
+}
+
+template <typename T, bool DELTA, class TL>
+__global__ void __launch_bounds__(kBwdMaxWarps * 32)
+    backward_kernel(BackwardArgs a, int cols_per_block, int flush, bool vec) {
+  constexpr int R = TL::R, NR = TL::NR, CG = TL::CG, P = TL::P, NC = kNC, DkPad = TL::DkPad;
+  constexpr int V = 2 * NR;  // dq and dk values of a lane per token, before the column reduction
+  extern __shared__ float smem[];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int warps = blockDim.x >> 5;
+  const int r = lane % R;
+  const int j0 = blockIdx.y * cols_per_block + (warp * CG + lane / R) * NC;
+  const int bh = blockIdx.x;
+  const int BH = gridDim.x;
+  const int b = bh / a.H, h = bh - (bh / a.H) * a.H;
+  const int L = a.L, Dk = a.Dk, Dv = a.Dv;
+  const int C = a.ckpt_every;
+  const int n_ckpt = checkpoint_count(L, C);
+
+  const T* q = static_cast<const T*>(a.q) + b * a.sq.b + h * a.sq.h;
+  const T* k = static_cast<const T*>(a.k) + b * a.sk.b + h * a.sk.h;
+  const T* dout = static_cast<const T*>(a.dout) + b * a.sdout.b + h * a.sdout.h;
+  const T* v = DELTA ? nullptr : static_cast<const T*>(a.v) + b * a.sv.b + h * a.sv.h;
+  const float* beta = DELTA ? a.beta + b * a.sbeta.b + h * a.sbeta.h : nullptr;
+  const float* resid = DELTA ? a.resid + static_cast<int64_t>(bh) * L * Dv : nullptr;
+  const float* ckpt = a.ckpt ? a.ckpt + static_cast<int64_t>(bh) * n_ckpt * Dv * Dk : nullptr;
+  T* dv = static_cast<T*>(a.dv) + static_cast<int64_t>(bh) * L * Dv;
+  const int64_t part = static_cast<int64_t>(blockIdx.y) * BH + bh;  // this block's slice of the partial sums
+  float* dq_part = a.dq_part + part * L * Dk;
+  float* dk_part = a.dk_part + part * L * Dk;
+  float* dbeta_part = DELTA ? a.dbeta_part + part * L : nullptr;
+
+  float* red = smem;                                         // [warps][flush][2][DkPad]: dq, dk
+  float* red_beta = smem + warps * flush * 2 * DkPad;        // [warps][flush]
+
+  // S = S_{L-1} (the forward's final state), G = gradient of the final state.
+  float S[NR][NC], G[NR][NC];
+  const float* sL = a.final_state + static_cast<int64_t>(bh) * Dk * Dv;
+  const float* gL = a.d_final_state ? a.d_final_state + static_cast<int64_t>(bh) * Dk * Dv : nullptr;
+#pragma unroll
+  for (int m = 0; m < NR / 4; ++m) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int i = 4 * (r + m * R) + c;
+#pragma unroll
+      for (int n = 0; n < NC; ++n) {
+        const int j = j0 + n;
+        const bool in = i < Dk && j < Dv;
+        S[4 * m + c][n] = in ? sL[static_cast<int64_t>(i) * Dv + j] : 0.0f;
+        G[4 * m + c][n] = (in && gL != nullptr) ? gL[static_cast<int64_t>(i) * Dv + j] : 0.0f;
+      }
+    }
+  }
+
+  // Step s processes token t = L - 1 - s.
+  auto load = [&](BwdStep<NR>& x, int s) {
+    const bool valid = s < L;
+    const int64_t t = valid ? L - 1 - s : 0;
+    load_rows<R, NR>(q + t * a.sq.t, Dk, r, valid, vec, x.q);
+    load_rows<R, NR>(k + t * a.sk.t, Dk, r, valid, vec, x.k);
+    load_cols<NC>(dout + t * a.sdout.t, Dv, j0, valid, x.dout);
+    if constexpr (DELTA) {
+      load_cols<NC>(resid + t * Dv, Dv, j0, valid, x.x);
+      x.beta = valid ? beta[t * a.sbeta.t] : 0.0f;
+    } else {
+      load_cols<NC>(v + t * a.sv.t, Dv, j0, valid, x.x);
+      x.beta = 0.0f;
+    }
+  };
+
+  BwdStep<NR> buf[P];
+#pragma unroll
+  for (int p = 0; p < P; ++p) load(buf[p], p);
+
+  for (int s0 = 0; s0 < L; s0 += flush) {
+    for (int s1 = 0; s1 < flush; s1 += P) {
+#pragma unroll
+      for (int p = 0; p < P; ++p) {
+        const int slot = s1 + p;
+        const int s = s0 + slot;
+        if (s < L) {  // uniform over the block: the shuffles inside are legal, no barrier is inside
+          const int t = L - 1 - s;
+          const BwdStep<NR>& x = buf[p];
+          if (ckpt != nullptr && (t + 1) % C == 0 && t + 1 < L) {  // S_t exactly as the forward had it
+            const float* src = ckpt + static_cast<int64_t>((t + 1) / C - 1) * Dv * Dk;
+#pragma unroll
+            for (int m = 0; m < NR / 4; ++m) {
+#pragma unroll
+              for (int c = 0; c < 4; ++c) {
+                const int i = 4 * (r + m * R) + c;
+#pragma unroll
+                for (int n = 0; n < NC; ++n) {
+                  const int j = j0 + n;
+                  S[4 * m + c][n] = (i < Dk && j < Dv) ? src[static_cast<int64_t>(j) * Dk + i] : 0.0f;
+                }
+              }
+            }
+          }
+
+          float sdo[NC], u[NC], du[NC];
+#pragma unroll
+          for (int n = 0; n < NC; ++n) {
+            sdo[n] = a.scale * x.dout[n];
+            u[n] = DELTA ? x.beta * x.x[n] : x.x[n];
+            du[n] = 0.0f;
+          }
+          float vals[V];  // [dq rows (NR), dk rows (NR)] of this lane, summed over its NC columns
+#pragma unroll
+          for (int i = 0; i < NR; ++i) {
+            float dq = 0.0f;
+#pragma unroll
+            for (int n = 0; n < NC; ++n) {
+              G[i][n] = fmaf(x.q[i], sdo[n], G[i][n]);
+              dq = fmaf(S[i][n], sdo[n], dq);
+              du[n] = fmaf(G[i][n], x.k[i], du[n]);
+              S[i][n] = fmaf(-x.k[i], u[n], S[i][n]);  // S_{t-1}
+            }
+            vals[i] = dq;
+          }
+          group_sum<R>(du);
+
+          float dbeta = 0.0f;
+#pragma unroll
+          for (int i = 0; i < NR; ++i) {
+            float dk = 0.0f;
+#pragma unroll
+            for (int n = 0; n < NC; ++n) {
+              if constexpr (DELTA) {
+                const float dr = x.beta * du[n];
+                dk = fmaf(G[i][n], u[n], dk);
+                dk = fmaf(-S[i][n], dr, dk);
+                G[i][n] = fmaf(-x.k[i], dr, G[i][n]);
+              } else {
+                dk = fmaf(G[i][n], u[n], dk);
+              }
+            }
+            vals[NR + i] = dk;
+          }
+#pragma unroll
+          for (int n = 0; n < NC; ++n) {
+            const float g = DELTA ? x.beta * du[n] : du[n];
+            if (DELTA) dbeta = fmaf(x.x[n], du[n], dbeta);
+            if (r == n && j0 + n < Dv) dv[static_cast<int64_t>(t) * Dv + j0 + n] = from_float<T>(g);
+          }
+
+          // Column sums: over the warp's column groups by shuffles, then into this warp's shared slot.
+          const int first = transpose_reduce<R, V>(vals, lane);
+          float* slot_red = red + (static_cast<int64_t>(warp) * flush + slot) * 2 * DkPad;
+#pragma unroll
+          for (int e = 0; e < V / CG; ++e) {
+            const int idx = first + e;  // value index: kind (dq, dk) and row within the lane's NR rows
+            const int kind = idx / NR, w = idx % NR;
+            slot_red[kind * DkPad + 4 * (r + (w / 4) * R) + (w % 4)] = vals[e];
+          }
+          if constexpr (DELTA) {
+            dbeta = across_groups_sum<R>(dbeta);
+            if (lane == 0) red_beta[warp * flush + slot] = dbeta;
+          }
+        }
+        load(buf[p], s + P);
+      }
+    }
+
+    __syncthreads();  // every warp's slots for tokens s0 .. s0 + flush - 1 are written
+    const int steps = min(flush, L - s0);
+    for (int idx = threadIdx.x; idx < steps * 2 * DkPad; idx += blockDim.x) {
+      const int slot = idx / (2 * DkPad);
+      const int rem = idx - slot * 2 * DkPad;
+      const int kind = rem / DkPad, row = rem - kind * DkPad;
+      if (row < Dk) {
+        float sum = 0.0f;
+        for (int w = 0; w < warps; ++w) sum += red[(static_cast<int64_t>(w) * flush + slot) * 2 * DkPad + rem];
+        const int64_t t = L - 1 - (s0 + slot);
+        (kind == 0 ? dq_part : dk_part)[t * Dk + row] = sum;
+      }
+    }
+    if constexpr (DELTA) {
+      for (int slot = threadIdx.x; slot < steps; slot += blockDim.x) {
+        float sum = 0.0f;
+        for (int w = 0; w < warps; ++w) sum += red_beta[w * flush + slot];
+        dbeta_part[L - 1 - (s0 + slot)] = sum;
+      }
+    }
+    __syncthreads();  // the slots are free for the next tokens
+  }
+
+  float* g0 = a.d_initial_state + static_cast<int64_t>(bh) * Dk * Dv;
+#pragma unroll
+  for (int m = 0; m < NR / 4; ++m) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int i = 4 * (r + m * R) + c;
+#pragma unroll
+      for (int n = 0; n < NC; ++n) {
+        if (i < Dk && j0 + n < Dv) g0[static_cast<int64_t>(i) * Dv + j0 + n] = G[4 * m + c][n];
+      }
+    }
+  }
+}
+
+}  // namespace lmtool_fw

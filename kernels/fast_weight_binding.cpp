@@ -1,0 +1,227 @@
+// Torch glue for the fast-weight kernels: checks tensors, allocates outputs, passes pointers and sizes.
+//
+// Includes no CUDA header: the launchers in fast_weight_*.cu take a plain `void*` stream, which the Python
+// side passes as an integer (torch.cuda.current_stream().cuda_stream) under the inputs' device guard. So
+// this file also compiles against a CPU-only torch (tests/ops/test_cuda.py checks that).
+#include <torch/extension.h>
+
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <vector>
+
+#include "fast_weight.h"
+
+namespace {
+
+using lmtool_fw::Strides;
+
+int dtype_code(const at::Tensor& x) {
+  if (x.scalar_type() == at::kFloat) return lmtool_fw::kFloat32;
+  if (x.scalar_type() == at::kBFloat16) return lmtool_fw::kBFloat16;
+  TORCH_CHECK(false, "lmtool fast-weight kernels take float32 or bfloat16 inputs, got ", x.scalar_type());
+  return -1;
+}
+
+void check_cuda(const at::Tensor& x, const char* name, const at::Tensor& like) {
+#ifndef LMTOOL_FW_HOST_EMULATION  // defined only by tests/ops/test_cuda.py, which links a CPU emulation
+  TORCH_CHECK(x.is_cuda(), "lmtool fast-weight kernels: ", name, " must be a CUDA tensor");
+#endif
+  TORCH_CHECK(x.device() == like.device(), "lmtool fast-weight kernels: ", name, " is on another device than q");
+}
+
+// [B, H, L, D] with unit stride along D (a copy otherwise): strides of B, H and L in elements.
+at::Tensor rows_contiguous(const at::Tensor& x) { return x.stride(-1) == 1 ? x : x.contiguous(); }
+
+Strides strides_of(const at::Tensor& x) {
+  Strides s;
+  s.b = x.stride(0);
+  s.h = x.stride(1);
+  s.t = x.stride(2);
+  return s;
+}
+
+at::Tensor float_state(const std::optional<at::Tensor>& s, const char* name, const at::Tensor& like) {
+  TORCH_CHECK(s.has_value() && s->defined(), "lmtool fast-weight kernels: missing ", name);
+  check_cuda(*s, name, like);
+  return s->to(at::kFloat).contiguous();
+}
+
+void check_status(int status) {
+  TORCH_CHECK(status == 0, "lmtool fast-weight kernel failed: ", lmtool_fw::error_string(status));
+}
+
+void poison(const std::vector<at::Tensor>& outs, bool on) {
+  if (!on) return;
+  for (const auto& t : outs) {
+    if (t.defined() && t.numel() > 0) t.fill_(std::numeric_limits<float>::quiet_NaN());
+  }
+}
+
+// Returns [out, final_state, resid, ckpt]; resid and ckpt are empty unless `save` (resid: delta rule only).
+std::vector<at::Tensor> forward(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                                const std::optional<at::Tensor>& beta_in,
+                                const std::optional<at::Tensor>& initial_state, double scale, int64_t ckpt_every,
+                                bool save, bool debug_poison, int64_t stream) {
+  const bool delta = beta_in.has_value() && beta_in->defined();
+  TORCH_CHECK(q_in.dim() == 4 && k_in.sizes() == q_in.sizes() && v_in.dim() == 4, "bad q/k/v shapes");
+  TORCH_CHECK(q_in.scalar_type() == k_in.scalar_type() && q_in.scalar_type() == v_in.scalar_type(),
+              "q, k and v must have one dtype");
+  TORCH_CHECK(ckpt_every >= 1, "ckpt_every must be positive");
+  check_cuda(q_in, "q", q_in);
+  check_cuda(k_in, "k", q_in);
+  check_cuda(v_in, "v", q_in);
+  const at::Tensor q = rows_contiguous(q_in), k = rows_contiguous(k_in), v = rows_contiguous(v_in);
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), Dk = q.size(3), Dv = v.size(3);
+  TORCH_CHECK(v.size(0) == B && v.size(1) == H && v.size(2) == L, "v must be [B, H, L, Dv]");
+  TORCH_CHECK(Dk <= lmtool_fw::kMaxDk, "the CUDA kernels support Dk <= ", lmtool_fw::kMaxDk, ", got ", Dk);
+  TORCH_CHECK(L <= std::numeric_limits<int>::max() && B * H <= std::numeric_limits<int>::max(), "too large");
+
+  lmtool_fw::ForwardArgs a;
+  a.dtype = dtype_code(q);
+  a.delta = delta;
+  a.B = static_cast<int>(B);
+  a.H = static_cast<int>(H);
+  a.L = static_cast<int>(L);
+  a.Dk = static_cast<int>(Dk);
+  a.Dv = static_cast<int>(Dv);
+  a.scale = static_cast<float>(scale);
+  a.q = q.data_ptr();
+  a.k = k.data_ptr();
+  a.v = v.data_ptr();
+  a.sq = strides_of(q);
+  a.sk = strides_of(k);
+  a.sv = strides_of(v);
+  at::Tensor beta;
+  if (delta) {
+    check_cuda(*beta_in, "beta", q);
+    TORCH_CHECK(beta_in->dim() == 3 && beta_in->size(0) == B && beta_in->size(1) == H && beta_in->size(2) == L,
+                "beta must be [B, H, L]");
+    beta = beta_in->to(at::kFloat);
+    a.beta = beta.data_ptr<float>();
+    a.sbeta.b = beta.stride(0);
+    a.sbeta.h = beta.stride(1);
+    a.sbeta.t = beta.stride(2);
+  }
+  at::Tensor s0;
+  if (initial_state.has_value() && initial_state->defined()) {
+    s0 = float_state(initial_state, "initial_state", q);
+    TORCH_CHECK(s0.sizes() == at::IntArrayRef({B, H, Dk, Dv}), "initial_state must be [B, H, Dk, Dv]");
+    a.initial_state = s0.data_ptr<float>();
+  }
+  const auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor out = at::empty({B, H, L, Dv}, q.options());
+  at::Tensor final_state = at::empty({B, H, Dk, Dv}, f32);
+  const int n_ckpt = lmtool_fw::num_checkpoints(a.L, static_cast<int>(ckpt_every));
+  at::Tensor resid = at::empty({0}, f32), ckpt = at::empty({0}, f32);
+  if (save && delta) resid = at::empty({B, H, L, Dv}, f32);
+  if (save && n_ckpt > 0) ckpt = at::empty({B, H, n_ckpt, Dv, Dk}, f32);
+  poison({out, final_state, resid, ckpt}, debug_poison);
+  a.out = out.data_ptr();
+  a.final_state = final_state.data_ptr<float>();
+  a.resid = resid.numel() > 0 ? resid.data_ptr<float>() : nullptr;
+  a.ckpt = ckpt.numel() > 0 ? ckpt.data_ptr<float>() : nullptr;
+  a.ckpt_every = static_cast<int>(ckpt_every);
+  check_status(lmtool_fw::forward(a, reinterpret_cast<void*>(stream)));
+  return {out, final_state, resid, ckpt};
+}
+
+// Returns [dq, dk, dv, dbeta, d_initial_state]: dq, dk, dbeta float32 (summed over column tiles), dv in the
+// inputs' dtype, dbeta empty for the sum rule. `x` is the residual r (delta rule) or v (sum rule).
+std::vector<at::Tensor> backward(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& x_in,
+                                 const std::optional<at::Tensor>& beta_in, const at::Tensor& dout_in,
+                                 const at::Tensor& final_state_in, const std::optional<at::Tensor>& d_final_state,
+                                 const at::Tensor& ckpt, double scale, int64_t ckpt_every, bool debug_poison,
+                                 int64_t stream) {
+  const bool delta = beta_in.has_value() && beta_in->defined();
+  const at::Tensor q = rows_contiguous(q_in), k = rows_contiguous(k_in), dout = rows_contiguous(dout_in);
+  check_cuda(q, "q", q);
+  check_cuda(k, "k", q);
+  check_cuda(x_in, delta ? "resid" : "v", q);
+  check_cuda(dout, "dout", q);
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == dout.scalar_type(),
+              "q, k and the output gradient must have one dtype");
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), Dk = q.size(3), Dv = dout.size(3);
+  TORCH_CHECK(Dk <= lmtool_fw::kMaxDk, "the CUDA kernels support Dk <= ", lmtool_fw::kMaxDk, ", got ", Dk);
+  TORCH_CHECK(x_in.dim() == 4 && x_in.size(2) == L && x_in.size(3) == Dv, "bad resid/v shape");
+  const at::Tensor final_state = float_state(final_state_in, "final_state", q);
+
+  lmtool_fw::BackwardArgs a;
+  a.dtype = dtype_code(q);
+  a.delta = delta;
+  a.B = static_cast<int>(B);
+  a.H = static_cast<int>(H);
+  a.L = static_cast<int>(L);
+  a.Dk = static_cast<int>(Dk);
+  a.Dv = static_cast<int>(Dv);
+  a.scale = static_cast<float>(scale);
+  a.q = q.data_ptr();
+  a.k = k.data_ptr();
+  a.dout = dout.data_ptr();
+  a.sq = strides_of(q);
+  a.sk = strides_of(k);
+  a.sdout = strides_of(dout);
+  a.final_state = final_state.data_ptr<float>();
+  at::Tensor x, beta;
+  if (delta) {
+    x = x_in.to(at::kFloat).contiguous();
+    a.resid = x.data_ptr<float>();
+    check_cuda(*beta_in, "beta", q);
+    beta = beta_in->to(at::kFloat);
+    a.beta = beta.data_ptr<float>();
+    a.sbeta.b = beta.stride(0);
+    a.sbeta.h = beta.stride(1);
+    a.sbeta.t = beta.stride(2);
+  } else {
+    TORCH_CHECK(x_in.scalar_type() == q.scalar_type(), "v must have q's dtype");
+    x = rows_contiguous(x_in);
+    a.v = x.data_ptr();
+    a.sv = strides_of(x);
+  }
+  at::Tensor dsL;
+  if (d_final_state.has_value() && d_final_state->defined()) {
+    dsL = float_state(d_final_state, "d_final_state", q);
+    a.d_final_state = dsL.data_ptr<float>();
+  }
+  const int n_ckpt = lmtool_fw::num_checkpoints(a.L, static_cast<int>(ckpt_every));
+  at::Tensor ck;
+  if (n_ckpt > 0) {
+    check_cuda(ckpt, "ckpt", q);
+    TORCH_CHECK(ckpt.numel() == B * H * n_ckpt * Dv * Dk, "the checkpoints do not match the sizes");
+    ck = ckpt.to(at::kFloat).contiguous();
+    a.ckpt = ck.data_ptr<float>();
+  }
+  a.ckpt_every = static_cast<int>(ckpt_every);
+
+  const int64_t tiles = lmtool_fw::backward_tiles(a.Dk, a.Dv);
+  const auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor dq_part = at::empty({tiles, B, H, L, Dk}, f32);
+  at::Tensor dk_part = at::empty({tiles, B, H, L, Dk}, f32);
+  at::Tensor dbeta_part = delta ? at::empty({tiles, B, H, L}, f32) : at::empty({0}, f32);
+  at::Tensor dv = at::empty({B, H, L, Dv}, q.options());
+  at::Tensor ds0 = at::empty({B, H, Dk, Dv}, f32);
+  poison({dq_part, dk_part, dbeta_part, dv, ds0}, debug_poison);
+  a.dq_part = dq_part.data_ptr<float>();
+  a.dk_part = dk_part.data_ptr<float>();
+  a.dbeta_part = delta ? dbeta_part.data_ptr<float>() : nullptr;
+  a.dv = dv.data_ptr();
+  a.d_initial_state = ds0.data_ptr<float>();
+  check_status(lmtool_fw::backward(a, reinterpret_cast<void*>(stream)));
+
+  auto reduce = [&](const at::Tensor& part) { return tiles == 1 ? part.squeeze(0) : part.sum(0); };
+  return {reduce(dq_part), reduce(dk_part), dv, delta ? reduce(dbeta_part) : dbeta_part, ds0};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "lmtool fast-weight (sum and delta rule) CUDA kernels";
+  m.def("forward", &forward, "scan forward", py::arg("q"), py::arg("k"), py::arg("v"), py::arg("beta"),
+        py::arg("initial_state"), py::arg("scale"), py::arg("ckpt_every"), py::arg("save"), py::arg("poison"),
+        py::arg("stream"));
+  m.def("backward", &backward, "reverse-scan backward", py::arg("q"), py::arg("k"), py::arg("x"), py::arg("beta"),
+        py::arg("dout"), py::arg("final_state"), py::arg("d_final_state"), py::arg("ckpt"), py::arg("scale"),
+        py::arg("ckpt_every"), py::arg("poison"), py::arg("stream"));
+  m.def("backward_tiles", &lmtool_fw::backward_tiles, "column tiles of the backward's partial sums");
+  m.attr("max_dk") = lmtool_fw::kMaxDk;
+}

@@ -1,0 +1,269 @@
+"""Native CUDA forms of the fast-weight ops (``impl="cuda"``): build, registration and autograd wrappers.
+
+The kernels (``kernels/fast_weight_*.cu``, design in ``docs/cuda_kernels.md``) run one sequential scan per
+(sequence, column tile of the state) with the state in registers, forward and backward, for float32 and
+bfloat16 inputs with a float32 state, ``Dk <= 512`` and any ``Dv``. They are compiled on first use for the
+GPU's architecture with ``torch.utils.cpp_extension.load`` (ninja) and cached under ``$LMTOOL_KERNEL_CACHE``
+(default ``~/.cache/lmtool/kernels``).
+
+The backward recomputes the states instead of storing one per token: it runs the recurrence in reverse from
+the final state (``S_{t-1} = S_t - k_t u_t^T``) and reloads ``S`` from a checkpoint the forward stored every
+``checkpoint_every`` tokens (default 64), which bounds the float32 error of the reconstruction. The forms
+take ``checkpoint_every`` as an extra keyword.
+
+Fallbacks (a missing toolchain or GPU never crashes a run):
+- CPU tensors: "cuda" is registered for CUDA devices only, so ``impl="auto"`` picks "chunk" there and
+  ``impl="cuda"`` on a CPU tensor raises the registry's one-line ValueError (it names the forms that run).
+- no CUDA toolkit, no ninja, a failed build or a torch without CUDA: :func:`load_extension` warns ONCE and
+  returns None; the "cuda" form then runs the torch "chunk" form.
+- float64 inputs or ``Dk > 512``: the "chunk" form, with one warning per reason.
+``LMTOOL_CUDA_KERNELS=0`` removes the form from this process (``impl="auto"`` then picks "chunk" on CUDA).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from lmtool.ops.delta_rule import delta_rule_chunk
+from lmtool.ops.registry import register_impl
+from lmtool.ops.sum_rule import sum_rule_chunk
+
+log = logging.getLogger(__name__)
+
+KERNEL_DIR = Path(__file__).resolve().parents[2] / "kernels"
+SOURCES = ("fast_weight_binding.cpp", "fast_weight_forward.cu", "fast_weight_backward.cu")
+EXTENSION_NAME = "lmtool_fast_weight"
+MAX_DK = 512  # kernels/fast_weight.h: kMaxDk
+DEFAULT_CHECKPOINT_EVERY = 64  # the backward reloads S every C tokens instead of reconstructing it further
+PRIORITY = 20  # above "chunk" (10): impl="auto" picks the kernels on CUDA devices
+
+_lock = threading.Lock()
+_state: dict = {"tried": False, "module": None, "reason": None}
+_warned: set[str] = set()
+
+
+class KernelsUnavailable(RuntimeError):
+    """The extension cannot be built or loaded here; the message says why and what to do."""
+
+
+def kernel_cache_dir() -> Path:
+    """Where built kernels are cached: ``$LMTOOL_KERNEL_CACHE``, else ``~/.cache/lmtool/kernels``."""
+    env = os.environ.get("LMTOOL_KERNEL_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "lmtool" / "kernels"
+
+
+def build_extension(verbose: bool = False) -> ModuleType:
+    """Compile (or load from the cache) the extension for the current GPU; raise KernelsUnavailable if impossible."""
+    if not torch.cuda.is_available():
+        detail = "torch was built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+        raise KernelsUnavailable(f"torch has no usable CUDA ({detail})")
+    missing = [s for s in SOURCES if not (KERNEL_DIR / s).is_file()]
+    if missing:
+        raise KernelsUnavailable(f"kernel sources {missing} not found in {KERNEL_DIR} (use a source checkout)")
+    from torch.utils import cpp_extension
+
+    if cpp_extension.CUDA_HOME is None:
+        raise KernelsUnavailable("no CUDA toolkit (nvcc) found; install one or set CUDA_HOME")
+    try:
+        cpp_extension.verify_ninja_availability()
+    except RuntimeError as err:
+        raise KernelsUnavailable("ninja is not installed; `pip install ninja`") from err
+    major, minor = torch.cuda.get_device_capability()
+    arch = os.environ.get("TORCH_CUDA_ARCH_LIST") or f"{major}.{minor}"  # the visible GPU's, unless set
+    tag = "".join(c if c.isalnum() or c in "._-" else "_" for c in f"torch{torch.__version__}-cuda{torch.version.cuda}")
+    build_dir = kernel_cache_dir() / f"{EXTENSION_NAME}-{tag}-arch{arch.replace(' ', '_').replace(';', '_')}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    log.info("building the lmtool CUDA kernels for arch %s in %s (first use only)", arch, build_dir)
+    old = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = arch
+    try:
+        return cpp_extension.load(
+            name=EXTENSION_NAME,
+            sources=[str(KERNEL_DIR / s) for s in SOURCES],
+            extra_include_paths=[str(KERNEL_DIR)],
+            extra_cflags=["-O3"],
+            extra_cuda_cflags=["-O3", "-lineinfo"],
+            build_directory=str(build_dir),
+            verbose=verbose,
+        )
+    except Exception as err:  # a compiler error: keep its last line, the log is in build_dir
+        last = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise KernelsUnavailable(f"building in {build_dir} failed: {last}") from err
+    finally:
+        if old is None:
+            os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = old
+
+
+def load_extension() -> ModuleType | None:
+    """The extension, built on the first call; None after ONE warning where it cannot be built or loaded."""
+    with _lock:
+        if not _state["tried"]:
+            _state["tried"] = True
+            try:
+                _state["module"] = build_extension()
+            except Exception as err:  # any failure means "use the torch forms", never a crash
+                _state["reason"] = str(err).splitlines()[0] if str(err) else type(err).__name__
+                warnings.warn(
+                    f"lmtool: CUDA kernels unavailable ({_state['reason']}); impl='cuda' runs the torch 'chunk' "
+                    "forms instead",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+    return _state["module"]
+
+
+def unavailable_reason() -> str | None:
+    """Why :func:`load_extension` returned None (None if it has not been tried or succeeded)."""
+    return _state["reason"]
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _kernels_for(q: torch.Tensor, tensors: list[torch.Tensor | None]) -> ModuleType | None:
+    """The extension if it handles these inputs, else None (the caller runs the chunk form)."""
+    if q.numel() == 0 or tensors[2].numel() == 0:  # nothing to scan (B, H, Dk or Dv is 0)
+        return None
+    if any(t is not None and t.dtype == torch.float64 for t in tensors):
+        _warn_once("float64", "lmtool: the CUDA kernels compute in float32; float64 inputs use impl='chunk'")
+        return None
+    if q.shape[-1] > MAX_DK:
+        _warn_once("dk", f"lmtool: the CUDA kernels support Dk <= {MAX_DK}; larger keys use impl='chunk'")
+        return None
+    return load_extension()
+
+
+def _kernel_dtype(*xs: torch.Tensor) -> torch.dtype:
+    """bfloat16 when q, k and v all are, else float32 (float16 and mixed inputs are computed in float32)."""
+    return torch.bfloat16 if all(x.dtype == torch.bfloat16 for x in xs) else torch.float32
+
+
+def _needs_grad(*xs: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in xs)
+
+
+def _poison() -> bool:
+    """``LMTOOL_CUDA_POISON=1`` fills every kernel output with NaN before the launch (unwritten elements show)."""
+    return os.environ.get("LMTOOL_CUDA_POISON", "0") == "1"
+
+
+def _stream(device: torch.device) -> int:
+    """The current CUDA stream of ``device`` as an integer for the launchers (0 off CUDA: the tests' emulation)."""
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+
+
+def _on(device: torch.device):
+    """Make ``device`` current while the kernels launch (a no-op off CUDA)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+class _FastWeightScan(torch.autograd.Function):
+    """Forward saves q, k, r (delta) or v (sum), beta, the final state and S every C tokens; nothing per token
+    of size Dk x Dv. The backward reconstructs S in reverse between checkpoints."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, beta, s0, scale: float, C: int, save: bool, ext):
+        poison = _poison()
+        o, S, resid, ckpt = ext.forward(q, k, v, beta, s0, scale, C, save, poison, _stream(q.device))
+        if save:
+            ctx.save_for_backward(q, k, resid if beta is not None else v, beta, S, ckpt)
+        ctx.meta = (scale, C, poison, ext, None if s0 is None else s0.dtype)
+        ctx.set_materialize_grads(False)
+        return o, S
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, do, dS):
+        q, k, x, beta, S, ckpt = ctx.saved_tensors
+        scale, C, poison, ext, s0_dtype = ctx.meta
+        do = q.new_zeros(*q.shape[:3], x.shape[-1]) if do is None else do.to(q.dtype)
+        with _on(q.device):
+            dq, dk, dv, dbeta, ds0 = ext.backward(q, k, x, beta, do, S, dS, ckpt, scale, C, poison, _stream(q.device))
+        return (
+            dq.to(q.dtype),
+            dk.to(k.dtype),
+            dv,
+            dbeta if beta is not None else None,
+            ds0.to(s0_dtype) if s0_dtype is not None else None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def _scan(q, k, v, beta, scale, initial_state, output_final_state, checkpoint_every, ext):
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be a positive integer, got {checkpoint_every}")
+    dt = _kernel_dtype(q, k, v)
+    save = _needs_grad(q, k, v, beta, initial_state)
+    beta32 = None if beta is None else beta.float()
+    with _on(q.device):
+        o, S = _FastWeightScan.apply(
+            q.to(dt), k.to(dt), v.to(dt), beta32, initial_state, float(scale), int(checkpoint_every), save, ext
+        )
+    return o.to(q.dtype), (S if output_final_state else None)
+
+
+def delta_rule_cuda(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    scale: float = 1.0,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`lmtool.ops.delta_rule` as a CUDA scan: same signature, plus ``checkpoint_every`` (module doc)."""
+    ext = _kernels_for(q, [q, k, v, beta, initial_state])
+    if ext is None:
+        return delta_rule_chunk(
+            q, k, v, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state
+        )
+    return _scan(q, k, v, beta, scale, initial_state, output_final_state, checkpoint_every, ext)
+
+
+def sum_rule_cuda(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float = 1.0,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`lmtool.ops.sum_rule` as a CUDA scan: same signature, plus ``checkpoint_every`` (module doc)."""
+    ext = _kernels_for(q, [q, k, v, initial_state])
+    if ext is None:
+        return sum_rule_chunk(q, k, v, scale=scale, initial_state=initial_state, output_final_state=output_final_state)
+    return _scan(q, k, v, None, scale, initial_state, output_final_state, checkpoint_every, ext)
+
+
+def runs_on(device: torch.device) -> bool:
+    """Whether "cuda" is offered for ``device``: a CUDA device, torch with CUDA, not disabled by the environment.
+
+    Cheap on purpose (it runs at every dispatch): the build happens on the first call, and a failed build
+    falls back to the chunk form inside the call.
+    """
+    return device.type == "cuda" and os.environ.get("LMTOOL_CUDA_KERNELS", "1") != "0" and torch.cuda.is_available()
+
+
+register_impl("delta_rule", "cuda", delta_rule_cuda, devices=("cuda",), priority=PRIORITY, is_available=runs_on)
+register_impl("sum_rule", "cuda", sum_rule_cuda, devices=("cuda",), priority=PRIORITY, is_available=runs_on)
