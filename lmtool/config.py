@@ -145,9 +145,17 @@ class Config:
 class EvalConfig:
     checkpoint: str = MISSING
     split: str = "test"  # valid | test
-    mode: str = "segment"  # segment | carry
+    # segment: non-overlapping segments of tgt_len (Transformer-XL memory carried when the model has one);
+    # carry: each layer's state (fast weights or memory) carried across the whole split;
+    # sliding: every token scored with exactly tgt_len tokens of context (windows shifted by one token)
+    mode: str = "segment"  # segment | carry | sliding
     tgt_len: int | None = None  # None: the training run's evaluation length
-    batch_size: int = 16
+    # model overrides applied before building the model (not part of the checkpoint's model signature);
+    # None keeps the training run's value
+    mem_len: int | None = None  # transformer, transformer_xl: memory length (0: no memory)
+    clamp_len: int | None = None  # transformer_xl: relative distances beyond clamp_len share one encoding
+    same_length: bool | None = None  # every query attends to the same number of keys (needs mem_len > 0)
+    batch_size: int = 16  # segment/carry: parallel streams; sliding: windows per forward pass
     device: str = "auto"
 
 
@@ -170,7 +178,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "trainer.device": ("auto", "cpu", "cuda"),
     "trainer.precision": ("fp32", "bf16", "fp16"),
     "split": ("valid", "test"),
-    "mode": ("segment", "carry"),
+    "mode": ("segment", "carry", "sliding"),
     "device": ("auto", "cpu", "cuda"),
 }
 

@@ -1,7 +1,17 @@
-"""`lmtool-eval checkpoint=PATH split=valid|test mode=segment|carry`: score a split with a checkpoint."""
+"""`lmtool-eval checkpoint=PATH split=valid|test mode=segment|carry|sliding`: score a split with a checkpoint.
+
+Modes (see docs/evaluation.md):
+  segment  non-overlapping segments of tgt_len over batch_size streams, each from a fresh state, except that a
+           model with a segment memory (transformer_xl, or mem_len > 0) carries it, as Transformer-XL evaluates
+  carry    each layer's state (fast weights, memory) carried across the whole split
+  sliding  every token scored with exactly tgt_len tokens of context; batch_size windows per forward pass
+Options: tgt_len, mem_len, clamp_len, same_length (override the run's model config before the model is built;
+they are not part of the checkpoint's model signature), batch_size, device.
+"""
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 import time
@@ -15,6 +25,29 @@ from lmtool.config import ConfigError, register_configs, validate
 
 register_configs()
 
+MODEL_OVERRIDES = ("mem_len", "clamp_len", "same_length")
+
+
+def run_config_for_eval(run_cfg: Any, cfg: Any) -> Any:
+    """The training run's config with the evaluation's model overrides applied, validated."""
+    run_cfg = copy.deepcopy(run_cfg)
+    for key in MODEL_OVERRIDES:
+        if cfg[key] is not None:
+            run_cfg.model[key] = cfg[key]
+    try:
+        validate(run_cfg)
+    except ConfigError as err:
+        raise ConfigError(f"this checkpoint's model does not accept the override: {err}") from None
+    return run_cfg
+
+
+def _check_options(cfg: Any) -> None:
+    validate(cfg)
+    if cfg.tgt_len is not None and cfg.tgt_len < 1:
+        raise ConfigError(f"tgt_len must be at least 1, got {cfg.tgt_len}")
+    if cfg.batch_size < 1:
+        raise ConfigError(f"batch_size must be at least 1, got {cfg.batch_size}")
+
 
 def evaluate_checkpoint(cfg: Any) -> dict:
     """Evaluate `cfg.checkpoint` on `cfg.split`; returns the result dict and writes it as JSON beside it."""
@@ -23,11 +56,12 @@ def evaluate_checkpoint(cfg: Any) -> dict:
     from lmtool.train.checkpoint import CheckpointError, load_checkpoint
     from lmtool.train.loop import evaluate, resolve_device
     from lmtool.train.metrics import perplexity_fields
+    from lmtool.train.sliding import sliding_window_nll
 
-    validate(cfg)
+    _check_options(cfg)
     path = Path(cfg.checkpoint)
     ckpt = load_checkpoint(path)
-    run_cfg = OmegaConf.create(ckpt["config"])
+    run_cfg = run_config_for_eval(OmegaConf.create(ckpt["config"]), cfg)
     d = run_cfg.dataset
     corpus = load_corpus(d.name, data_dir=d.data_dir, cache_dir=d.cache_dir, min_freq=d.min_freq, max_size=d.max_size)
     if corpus.vocab.fingerprint != ckpt["vocab"]["fingerprint"]:
@@ -36,21 +70,25 @@ def evaluate_checkpoint(cfg: Any) -> dict:
     model = build_model(run_cfg, len(corpus.vocab)).to(device)
     model.load_state_dict(ckpt["model"])
     tgt_len = cfg.tgt_len or run_cfg.trainer.eval_tgt_len or run_cfg.trainer.tgt_len
+    data = getattr(corpus, cfg.split)
     start = time.perf_counter()
-    loss, tokens = evaluate(
-        model,
-        getattr(corpus, cfg.split),
-        batch_size=cfg.batch_size,
-        tgt_len=tgt_len,
-        carry=cfg.mode == "carry",
-        device=device,
-    )
+    if cfg.mode == "sliding":
+        loss, tokens = sliding_window_nll(model, data, tgt_len=tgt_len, batch_size=cfg.batch_size, device=device)
+    else:
+        loss, tokens = evaluate(
+            model, data, batch_size=cfg.batch_size, tgt_len=tgt_len, carry=cfg.mode == "carry", device=device
+        )
     seconds = time.perf_counter() - start
+    m = run_cfg.model
     result = {
         "checkpoint": str(path),
         "split": cfg.split,
         "mode": cfg.mode,
         "tgt_len": tgt_len,
+        "mem_len": m.mem_len,
+        "clamp_len": m.clamp_len,
+        "same_length": m.same_length,
+        "batch_size": cfg.batch_size,
         "loss": loss,
         **perplexity_fields(loss, corpus.metric),
         "tokens": tokens,
@@ -62,6 +100,15 @@ def evaluate_checkpoint(cfg: Any) -> dict:
     return result
 
 
+def format_result(result: dict) -> str:
+    metric = "bpc" if "bpc" in result else "ppl"
+    memory = f", mem_len {result['mem_len']}" if result["mem_len"] else ""
+    return (
+        f"{result['split']} {result['mode']} (tgt_len {result['tgt_len']}{memory}): loss {result['loss']:.4f} | "
+        f"{metric} {result[metric]:.3f} | {result['tokens']} tokens | {result['tokens_per_s']:.0f} tokens/s"
+    )
+
+
 @hydra.main(config_path="pkg://lmtool.conf", config_name="eval", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
     from lmtool.data import DatasetNotFoundError
@@ -71,11 +118,7 @@ def _hydra_main(cfg: DictConfig) -> None:
         result = evaluate_checkpoint(cfg)
     except (ConfigError, DatasetNotFoundError, CheckpointError) as err:
         sys.exit(f"lmtool-eval: {err}")
-    metric = "bpc" if "bpc" in result else "ppl"
-    print(
-        f"{result['split']} {result['mode']}: loss {result['loss']:.4f} | {metric} {result[metric]:.3f} | "
-        f"{result['tokens']} tokens | {result['tokens_per_s']:.0f} tokens/s"
-    )
+    print(format_result(result))
 
 
 def main() -> None:

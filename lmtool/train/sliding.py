@@ -3,14 +3,33 @@
 As the seed's sliding-window evaluator for limited-context models: the first window scores all of its
 positions, every later window (shifted by one token) scores only its last position, so each target after
 the first window sees exactly `tgt_len` tokens of context and no state from earlier windows. Instead of one
-window per forward pass, `batch_size` windows are gathered into one batch.
+window per forward pass, `batch_size` windows are gathered into one batch, and for those windows the output
+layer (softmax) runs on the last position only: the other positions' scores would be thrown away.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from lmtool.models.lm import CausalLM
+
+
+@contextmanager
+def last_position_only(model: CausalLM) -> Iterator[None]:
+    """Inside the block, `model` feeds only the last position of its final hidden states to the output layer.
+
+    CausalLM applies `final_norm` (LayerNorm or Identity) right before the (adaptive) softmax; slicing its
+    output to `[B, 1, d_model]` leaves the blocks untouched (every position is still context) and skips the
+    vocabulary projection for positions nobody scores. Targets passed in must then be `[B, 1]`.
+    """
+    handle = model.final_norm.register_forward_hook(lambda module, args, out: out[:, -1:])
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @torch.no_grad()
@@ -23,24 +42,27 @@ def sliding_window_nll(
     device: torch.device,
     precision: str = "fp32",
 ) -> tuple[float, int]:
-    """Mean NLL (nats/token) of `data[1:]` given `data[:-1]`, windows of `tgt_len`; returns (loss, tokens)."""
-    was_training = model.training
-    model.eval()
-    inputs, targets = data[:-1].long(), data[1:].long()
-    n = targets.numel()
-    length = min(tgt_len, n)
-    total, count = 0.0, 0
+    """Mean NLL (nats/token) of `data[1:]` given `data[:-1]`, windows of `tgt_len`; returns (loss, tokens).
+
+    `batch_size` windows go through the model at once; the result equals one window per pass (batch 1).
+    """
     from lmtool.train.loop import autocast
 
+    was_training = model.training
+    model.eval()
+    inputs, targets = data[:-1].long().to(device), data[1:].long().to(device)
+    n = targets.numel()
+    length = min(tgt_len, n)
     with autocast(device, precision):
-        nll, _ = model(inputs[None, :length].to(device), targets[None, :length].to(device))
+        nll, _ = model(inputs[None, :length], targets[None, :length])
         total, count = nll.double().sum().item(), length
-        offsets = torch.arange(length)
-        for start in range(1, n - length + 1, batch_size):
-            starts = torch.arange(start, min(start + batch_size, n - length + 1))
-            index = starts[:, None] + offsets[None, :]  # [W, length] token positions of each window
-            nll, _ = model(inputs[index].to(device), targets[index].to(device))
-            total += nll[:, -1].double().sum().item()
-            count += starts.numel()
+        offsets = torch.arange(length, device=device)
+        with last_position_only(model):
+            for start in range(1, n - length + 1, batch_size):
+                starts = torch.arange(start, min(start + batch_size, n - length + 1), device=device)
+                index = starts[:, None] + offsets[None, :]  # [W, length] token positions of each window
+                nll, _ = model(inputs[index], targets[index[:, -1:]])  # nll: [W, 1]
+                total += nll.double().sum().item()
+                count += starts.numel()
     model.train(was_training)
     return total / max(count, 1), count

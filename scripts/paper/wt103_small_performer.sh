@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# WikiText-103, small setting: Performer: sum update rule + FAVOR+ with m = 16 random features (the seed's attn_type
+# 35).
+# Trains conf/experiment/wt103_small_performer.yaml, then scores valid and test as the paper did (sliding
+# evaluation). Reproduces arXiv 2102.11174, WikiText-103 results, small setting, row update "sum", attention
+# "Performer" (paper numbers: scripts/paper/README.md).
+#
+# Usage: bash scripts/paper/wt103_small_performer.sh [RUN_DIR] [extra lmtool-train overrides ...]
+#   Several GPUs (trainer.batch_size is the global batch):
+#   TRAIN="torchrun --standalone --nproc_per_node=2 -m lmtool.train" bash scripts/paper/wt103_small_performer.sh
+#   Run again with the same RUN_DIR to resume an interrupted training run.
+set -euo pipefail
+RUN_DIR=${1:-runs/wt103_small_performer}
+TRAIN=${TRAIN:-lmtool-train}
+EVAL_ARGS="mode=sliding tgt_len=256 batch_size=64"
+
+lmtool-prepare dataset=wt103
+$TRAIN experiment=wt103_small_performer hydra.run.dir="$RUN_DIR" "${@:2}"
+for split in valid test; do
+  lmtool-eval checkpoint="$RUN_DIR/checkpoints/best.pt" split=$split $EVAL_ARGS
+done

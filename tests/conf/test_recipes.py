@@ -1,0 +1,121 @@
+"""The WikiText-103 paper recipes compose, validate and build the paper's model sizes; each has its script."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import lmtool
+from lmtool.config import validate
+from lmtool.models.build import build_model
+from tests.helpers import compose_config
+
+REPO = Path(lmtool.__file__).resolve().parent.parent
+WT103_VOCAB = 267_735  # types of WikiText-103 train incl. <eos>; the data itself is not needed
+
+# Parameters with that vocabulary, counted on the meta device (adaptive input and softmax, tied tables, no
+# projections with div_val 1). Fast weight models add the beta projection (n_head per layer; the seed's
+# qkvb_net), Transformer-XL the position projection r_net (d_model x n_head d_head per layer) and one shared
+# content/position bias pair. Small: 44.0M, medium: 89.8-89.9M (the paper's small and medium settings).
+PARAMETERS = {
+    "wt103_small_transformer": 44_018_394,
+    "wt103_small_transformer_xl": 44_280_794,
+    "wt103_small_linear_transformer": 44_018_394,
+    "wt103_small_performer": 44_018_394,
+    "wt103_small_delta_elu": 44_034_778,
+    "wt103_small_delta_favor": 44_034_778,
+    "wt103_small_delta_dpfp": 44_034_778,
+    "wt103_small_delta_elu_carry": 44_034_778,
+    "wt103_medium_transformer": 89_833_434,
+    "wt103_medium_transformer_xl": 90_882_522,
+    "wt103_medium_linear_transformer": 89_833_434,
+    "wt103_medium_performer": 89_833_434,
+    "wt103_medium_delta_elu": 89_866_202,
+    "wt103_medium_delta_favor": 89_866_202,
+    "wt103_medium_delta_dpfp": 89_866_202,
+    "wt103_medium_delta_elu_carry": 89_866_202,
+}
+RECIPES = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("wt103_*.yaml"))
+SETTINGS = {"small": (128, 16, 256, 96, 500_000), "medium": (256, 32, 384, 56, 400_000)}
+EVAL_MODE = {"transformer_xl": "segment", "delta_elu_carry": "carry"}  # the others: sliding window
+FAST_WEIGHTS = {  # recipe model -> (update rule, feature map)
+    "linear_transformer": ("sum", "elu"),
+    "performer": ("sum", "favor"),
+    "delta_elu": ("delta", "elu"),
+    "delta_favor": ("delta", "favor"),
+    "delta_dpfp": ("delta", "dpfp"),
+    "delta_elu_carry": ("delta", "elu"),
+}
+
+
+def setting_and_model(recipe: str) -> tuple[str, str]:
+    _, setting, model = recipe.split("_", 2)
+    return setting, model
+
+
+def test_every_recipe_has_an_expected_size():
+    """The recipes on disk are exactly the ones whose sizes are recorded here."""
+    assert RECIPES == sorted(PARAMETERS)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_builds_the_paper_size(recipe):
+    """A recipe composes, validates and builds (on the meta device) a model of the recorded size."""
+    cfg = compose_config(f"experiment={recipe}")
+    validate(cfg)
+    with torch.device("meta"):
+        model = build_model(cfg, WT103_VOCAB)
+    n_params = sum(p.numel() for p in model.parameters())
+    assert n_params == PARAMETERS[recipe]
+    if "transformer_xl" not in recipe:  # Transformer-XL adds 0.26M (small) / 1.05M (medium) for r_net
+        assert abs(n_params - (44.0e6 if "_small_" in recipe else 89.85e6)) < 0.05e6
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_follows_the_seed_settings(recipe):
+    """Sizes, context, batch, schedule and the model variant are the seed's for the recipe's setting."""
+    setting, model = setting_and_model(recipe)
+    d_model, d_head, tgt_len, batch_size, max_steps = SETTINGS[setting]
+    cfg = compose_config(f"experiment={recipe}")
+    m, t = cfg.model, cfg.trainer
+    assert cfg.dataset.name == "wt103"
+    assert (m.n_layer, m.d_model, m.n_head, m.d_head, m.d_inner, m.dropout) == (16, d_model, 8, d_head, 2048, 0.1)
+    assert m.adaptive and list(m.cutoffs) == [20000, 40000, 200000] and m.div_val == 1 and m.tie_weight
+    assert (t.tgt_len, t.eval_tgt_len, t.batch_size, t.clip) == (tgt_len, tgt_len, batch_size, 0.25)
+    assert (cfg.optimizer.name, cfg.optimizer.lr, cfg.scheduler.name) == ("adam", 2.5e-4, "cosine")
+    if recipe == "wt103_medium_transformer_xl":  # the seed's medium Transformer-XL script
+        assert (t.max_steps, cfg.scheduler.warmup_steps) == (200_000, 1000)
+    else:
+        assert (t.max_steps, cfg.scheduler.warmup_steps) == (max_steps, 2000)
+    assert m.mem_len == (tgt_len if model == "transformer_xl" else 0)
+    assert m.carry_over == (model == "delta_elu_carry")
+    assert m.pos_emb == (model not in ("transformer_xl", "delta_elu_carry"))
+    assert m.name == (model if model in ("transformer", "transformer_xl") else "fwm")
+    if model in FAST_WEIGHTS:
+        assert (cfg.update_rule.name, cfg.feature_map.name) == FAST_WEIGHTS[model]
+        assert cfg.update_rule.attn_norm == (model != "delta_elu_carry")
+        if cfg.feature_map.name == "favor":
+            assert cfg.feature_map.n_features == 16  # m, the seed's performer_proj_dim
+        if cfg.feature_map.name == "dpfp":
+            assert cfg.feature_map.nu == 2  # the seed's dpfp_n_roll
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_script_trains_and_evaluates_as_the_paper(recipe):
+    """scripts/paper/<recipe>.sh trains the recipe, evaluates it as its header says, and is in the index."""
+    setting, model = setting_and_model(recipe)
+    tgt_len = SETTINGS[setting][2]
+    mode = EVAL_MODE.get(model, "sliding")
+    header = (REPO / "conf" / "experiment" / f"{recipe}.yaml").read_text()
+    script = (REPO / "scripts" / "paper" / f"{recipe}.sh").read_text()
+    assert "# @package _global_" in header and "# Reproduces: " in header
+    assert f"experiment={recipe} hydra.run.dir=" in script and "lmtool-prepare dataset=wt103" in script
+    eval_args = re.search(r'^EVAL_ARGS="(.*)"$', script, re.M).group(1)
+    assert eval_args.startswith(f"mode={mode} tgt_len={tgt_len}")
+    assert eval_args in header  # the header shows the same evaluation command
+    if mode == "segment":
+        assert f"mem_len={tgt_len} clamp_len={tgt_len}" in eval_args
+    assert f"]({recipe}.sh)" in (REPO / "scripts" / "paper" / "README.md").read_text()  # listed in the index
