@@ -144,7 +144,10 @@ class CausalLM(nn.Module):
         tgt: torch.Tensor | None = None,
         state: list[Any] | None = None,
         return_state: bool = False,
+        last_only: bool = False,
     ) -> tuple[torch.Tensor, list[Any] | None]:
+        """`last_only`: run the output layer on the last position only (`tgt` is then `[B, 1]`); every
+        position is still context. Sliding-window evaluation uses it to skip scores it would discard."""
         states = state if state is not None else [None] * len(self.blocks)
         h = self.embed(inp) * math.sqrt(self.d_model)
         if self.positions is not None:
@@ -155,11 +158,11 @@ class CausalLM(nn.Module):
         for block, layer_state in zip(self.blocks, states, strict=True):
             h, layer_state = block(h, layer_state, return_state)
             new_states.append(layer_state)
-        h = self.final_norm(h)
+        h = self.final_norm(h[:, -1:] if last_only else h)
         out_state = new_states if return_state else None
         if isinstance(self.output, AdaptiveLogSoftmax):
             if tgt is None:
-                return self.output.log_prob(h.flatten(0, 1)).view(*inp.shape, -1), out_state
+                return self.output.log_prob(h.flatten(0, 1)).view(*h.shape[:2], -1), out_state
             return self.output(h.flatten(0, 1), tgt.flatten()).view_as(tgt), out_state
         logits = self.output(h)
         if tgt is None:

@@ -9,27 +9,9 @@ layer (softmax) runs on the last position only: the other positions' scores woul
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 
 from lmtool.models.lm import CausalLM
-
-
-@contextmanager
-def last_position_only(model: CausalLM) -> Iterator[None]:
-    """Inside the block, `model` feeds only the last position of its final hidden states to the output layer.
-
-    CausalLM applies `final_norm` (LayerNorm or Identity) right before the (adaptive) softmax; slicing its
-    output to `[B, 1, d_model]` leaves the blocks untouched (every position is still context) and skips the
-    vocabulary projection for positions nobody scores. Targets passed in must then be `[B, 1]`.
-    """
-    handle = model.final_norm.register_forward_hook(lambda module, args, out: out[:, -1:])
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 @torch.no_grad()
@@ -57,12 +39,11 @@ def sliding_window_nll(
         nll, _ = model(inputs[None, :length], targets[None, :length])
         total, count = nll.double().sum().item(), length
         offsets = torch.arange(length, device=device)
-        with last_position_only(model):
-            for start in range(1, n - length + 1, batch_size):
-                starts = torch.arange(start, min(start + batch_size, n - length + 1), device=device)
-                index = starts[:, None] + offsets[None, :]  # [W, length] token positions of each window
-                nll, _ = model(inputs[index], targets[index[:, -1:]])  # nll: [W, 1]
-                total += nll.double().sum().item()
-                count += starts.numel()
+        for start in range(1, n - length + 1, batch_size):
+            starts = torch.arange(start, min(start + batch_size, n - length + 1), device=device)
+            index = starts[:, None] + offsets[None, :]  # [W, length] token positions of each window
+            nll, _ = model(inputs[index], targets[index[:, -1:]], last_only=True)  # nll: [W, 1]
+            total += nll.double().sum().item()
+            count += starts.numel()
     model.train(was_training)
     return total / max(count, 1), count
