@@ -277,10 +277,11 @@ class Trainer:
         self.step += 1
         return total
 
-    def validate(self, max_segments: int | None) -> float:
-        loss, _ = evaluate(
+    def evaluate_split(self, split: str, max_segments: int | None = None) -> tuple[float, int]:
+        """(loss, tokens) of the current weights on `split`, with the run's evaluation settings."""
+        return evaluate(
             self.model,
-            self.corpus.valid,
+            getattr(self.corpus, split),
             batch_size=self.t.eval_batch_size,
             tgt_len=self.t.eval_tgt_len or self.t.tgt_len,
             carry=self.cfg.model.carry_over,
@@ -289,7 +290,6 @@ class Trainer:
             max_segments=max_segments,
             topology=self.topology,
         )
-        return loss
 
     def _request_stop(self, signum, frame) -> None:
         # Ctrl-C twice stops a single process at once; launchers (torchrun, SLURM, submitit) follow their
@@ -386,7 +386,7 @@ class Trainer:
         return True
 
     def _periodic_eval(self) -> None:
-        loss = self.validate(self.t.eval_max_segments)
+        loss, _ = self.evaluate_split("valid", self.t.eval_max_segments)
         self.schedule.on_eval(loss)
         improved = loss < self.best_valid
         self.best_valid = min(self.best_valid, loss)
@@ -403,16 +403,7 @@ class Trainer:
             self.model.load_state_dict(load_checkpoint(best)["model"])
         results = {"step": self.step}
         for split in ("valid", "test"):
-            loss, tokens = evaluate(
-                self.model,
-                getattr(self.corpus, split),
-                batch_size=self.t.eval_batch_size,
-                tgt_len=self.t.eval_tgt_len or self.t.tgt_len,
-                carry=self.cfg.model.carry_over,
-                device=self.device,
-                precision=self.t.precision,
-                topology=self.topology,
-            )
+            loss, tokens = self.evaluate_split(split)
             record = {"step": self.step, "split": split, "loss": loss, "tokens": tokens,
                       **perplexity_fields(loss, self.corpus.metric), "final": True}
             self.writer.write(record)
