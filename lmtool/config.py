@@ -164,6 +164,40 @@ class PrepareConfig:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
 
 
+@dataclass
+class RetrievalRunConfig:
+    """One run of the synthetic retrieval task (arXiv 2102.11174, section 6.1); defaults are the paper's."""
+
+    d_key: int = 64
+    embedding_factor: float = 1.1  # key embedding width = embedding_factor * 2 S
+    batch_size: int = 32
+    lr: float = 1e-3  # Adam, otherwise default hyperparameters
+    eval_interval: int = 100
+    eval_sequences: int = 20  # every key of each fresh sequence is queried
+    target_loss: float = 1e-3  # solved: stop
+    patience_steps: int = 1000  # no new best evaluation loss for this many steps: stop
+    max_steps: int = 100_000
+    seed: int = 1
+
+
+@dataclass
+class RetrievalSettingConfig:
+    name: str = "capacity"  # capacity (L = S distinct keys) | update (L = 2 S pairs, keys repeat)
+    memories: list[str] = field(default_factory=lambda: ["sum/elu", "softmax"])  # softmax | <sum|delta>/<map>
+    sizes: list[int] = field(default_factory=lambda: [20, 40])  # grid=default: the numbers of keys S to run
+    paper_max_size: int = 600  # grid=paper: S = 20, 40, ..., paper_max_size
+    log_y: bool = False  # plot the loss on a log scale
+
+
+@dataclass
+class RetrievalConfig:
+    setting: RetrievalSettingConfig = field(default_factory=RetrievalSettingConfig)
+    grid: str = "default"  # default: setting.sizes | paper: S from 20 to setting.paper_max_size in steps of 20
+    run: RetrievalRunConfig = field(default_factory=RetrievalRunConfig)
+    workers: int = 2  # runs in parallel, one CPU thread each
+    out_dir: str | None = None  # None: Hydra's run directory
+
+
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.name": ("transformer", "transformer_xl", "fwm"),
     "update_rule.name": ("sum", "delta"),
@@ -180,6 +214,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "split": ("valid", "test"),
     "mode": ("segment", "carry", "sliding"),
     "device": ("auto", "cpu", "cuda"),
+    "setting.name": ("capacity", "update"),
+    "grid": ("default", "paper"),
 }
 
 
@@ -264,3 +300,4 @@ def register_configs() -> None:
     cs.store(name="base_config", node=Config)
     cs.store(name="base_eval", node=EvalConfig)
     cs.store(name="base_prepare", node=PrepareConfig)
+    cs.store(name="base_retrieval", node=RetrievalConfig)

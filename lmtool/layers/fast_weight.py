@@ -16,6 +16,17 @@ from lmtool.ops import delta_rule, sum_rule
 UPDATE_RULES = ("sum", "delta")
 QK_NORMS = ("sum", "l2", "none")
 
+
+def normalize_features(phi: torch.Tensor, qk_norm: str, eps: float) -> torch.Tensor:
+    """Key/query normalisation over the last axis: "sum" (the paper's phi / sum(phi), section 4.2), "l2" or
+    "none"; the denominator is floored at `eps` (only an all-zero phi, e.g. DPFP, reaches it)."""
+    if qk_norm == "sum":
+        return phi / phi.sum(-1, keepdim=True).clamp_min(eps)
+    if qk_norm == "l2":
+        return phi / phi.norm(dim=-1, keepdim=True).clamp_min(eps)
+    return phi
+
+
 FastWeightState = tuple[torch.Tensor, torch.Tensor | None]
 
 
@@ -106,11 +117,7 @@ class FastWeightAttention(nn.Module):
         )
 
     def _normalize(self, phi: torch.Tensor) -> torch.Tensor:
-        if self.qk_norm == "sum":
-            return phi / phi.sum(-1, keepdim=True).clamp_min(self.eps)
-        if self.qk_norm == "l2":
-            return phi / phi.norm(dim=-1, keepdim=True).clamp_min(self.eps)
-        return phi
+        return normalize_features(phi, self.qk_norm, self.eps)
 
     def _initial_state(
         self, state: FastWeightState | None, B: int, dtype: torch.dtype, device: torch.device
