@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+
 import torch
 
 from lmtool.config import RetrievalRunConfig

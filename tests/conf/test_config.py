@@ -16,7 +16,7 @@ from lmtool.train.optim import LRSchedule, build_optimizer
 from tests.helpers import compose_config
 
 CONF = Path(lmtool.__file__).resolve().parent.parent / "conf"
-RETRIEVAL_GROUPS = {"setting"}  # groups of lmtool-retrieval's config (tests/train/test_retrieval.py)
+RETRIEVAL_GROUPS = {"setting"}  # groups of lmtool-retrieval's config (tests/train/test_retrieval_sweep.py)
 GROUPS = sorted(
     p.name for p in CONF.iterdir() if p.is_dir() and not p.name.startswith("_") and p.name not in RETRIEVAL_GROUPS
 )
