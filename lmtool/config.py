@@ -176,7 +176,7 @@ class RetrievalRunConfig:
     eval_sequences: int = 20  # every key of each fresh sequence is queried
     target_loss: float = 1e-3  # solved: stop
     patience_steps: int = 1000  # no new best evaluation loss for this many steps: stop
-    max_steps: int = 100_000
+    max_steps: int | None = None  # None: 100,000 (the paper's) with grid=paper, 3,000 with grid=default
     seed: int = 1
 
 

@@ -16,7 +16,7 @@ import json
 import multiprocessing
 import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from lmtool.config import ConfigError, RetrievalRunConfig, register_configs, validate
+from lmtool.train.retrieval import PAPER_MAX_STEPS, train_memory
 
 register_configs()
 
@@ -38,6 +39,17 @@ def grid_sizes(cfg: Any) -> list[int]:
     if cfg.grid == "paper":
         return list(range(20, cfg.setting.paper_max_size + 1, 20))
     return sorted(set(cfg.setting.sizes))
+
+
+MAX_STEPS = {"paper": PAPER_MAX_STEPS, "default": 3_000}  # run.max_steps=null: the grid's (see docs/retrieval.md)
+
+
+def run_config(cfg: Any) -> RetrievalRunConfig:
+    """The run config of every run of the sweep, with `max_steps` resolved for the grid."""
+    run = RetrievalRunConfig(**OmegaConf.to_container(cfg.run)) if isinstance(cfg.run, DictConfig) else cfg.run
+    if run.max_steps is None:
+        run = replace(run, max_steps=MAX_STEPS[cfg.grid])
+    return run
 
 
 def check_options(cfg: Any) -> None:
@@ -87,15 +99,13 @@ def _one_thread() -> None:
 
 
 def _train(job: tuple[str, int, str, RetrievalRunConfig]) -> dict:
-    from lmtool.train.retrieval import train_memory
-
     return train_memory(*job)
 
 
 def run_sweep(cfg: Any, out_dir: Path, log=print) -> Path:
     """Run the missing (memory, S) pairs of the sweep, append their rows, plot; returns the CSV path."""
     setting = cfg.setting.name
-    run = RetrievalRunConfig(**OmegaConf.to_container(cfg.run)) if isinstance(cfg.run, DictConfig) else cfg.run
+    run = run_config(cfg)
     fingerprint = run_fingerprint(run)
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = out_dir / f"retrieval_{setting}.csv"
