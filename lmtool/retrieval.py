@@ -126,7 +126,7 @@ def run_sweep(cfg: Any, out_dir: Path, log=print) -> Path:
             f"{row['steps']} steps ({row['stop']}, {row['seconds']:.0f} s)"
         )
     rows = [r for r in read_rows(csv_path) if r["run_config"] == fingerprint]
-    png = plot_losses(rows, out_dir / f"retrieval_{setting}.png", setting, cfg.setting.log_y)
+    png = plot_losses(rows, out_dir / f"retrieval_{setting}.png", setting, cfg.setting.log_y, cfg.setting.memories)
     log(f"wrote {csv_path} and {png}")
     return csv_path
 
@@ -143,15 +143,17 @@ def _run_all(jobs: list, workers: int):
             yield future.result()
 
 
-def plot_losses(rows: list[dict], path: Path, setting: str, log_y: bool) -> Path:
-    """Best evaluation loss against the number of keys S, one line per memory (the paper's Figures 2 and 5)."""
+def plot_losses(rows: list[dict], path: Path, setting: str, log_y: bool, memories=()) -> Path:
+    """Best evaluation loss against the number of keys S, one line per memory (the paper's Figures 2 and 5),
+    in the order of `memories`, then any other memory of the CSV."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for memory in dict.fromkeys(r["memory"] for r in rows):
+    in_csv = [r["memory"] for r in rows]
+    for memory in dict.fromkeys([*(m for m in memories if m in in_csv), *in_csv]):
         points = sorted((int(r["n_symbols"]), float(r["best_loss"])) for r in rows if r["memory"] == memory)
         d_dot = next(r["d_dot"] for r in rows if r["memory"] == memory)
         label = memory if memory == "softmax" else f"{memory} (d_dot {d_dot})"
