@@ -94,20 +94,8 @@ __global__ void __launch_bounds__(kBwdMaxWarps * 32)
   float S[NR][NC], G[NR][NC];
   const float* sL = a.final_state + static_cast<int64_t>(bh) * Dk * Dv;
   const float* gL = a.d_final_state ? a.d_final_state + static_cast<int64_t>(bh) * Dk * Dv : nullptr;
-#pragma unroll
-  for (int m = 0; m < NR / 4; ++m) {
-#pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      const int i = 4 * (r + m * R) + c;
-#pragma unroll
-      for (int n = 0; n < NC; ++n) {
-        const int j = j0 + n;
-        const bool in = i < Dk && j < Dv;
-        S[4 * m + c][n] = in ? sL[static_cast<int64_t>(i) * Dv + j] : 0.0f;
-        G[4 * m + c][n] = (in && gL != nullptr) ? gL[static_cast<int64_t>(i) * Dv + j] : 0.0f;
-      }
-    }
-  }
+  load_tile<false, R>(sL, Dk, Dv, r, j0, S);
+  load_tile<false, R>(gL, Dk, Dv, r, j0, G);
 
   // Step s processes token t = L - 1 - s.
   auto load = [&](BwdStep<NR>& x, int s) {
@@ -140,18 +128,7 @@ __global__ void __launch_bounds__(kBwdMaxWarps * 32)
           const BwdStep<NR>& x = buf[p];
           if (ckpt != nullptr && (t + 1) % C == 0 && t + 1 < L) {  // S_t exactly as the forward had it
             const float* src = ckpt + static_cast<int64_t>((t + 1) / C - 1) * Dv * Dk;
-#pragma unroll
-            for (int m = 0; m < NR / 4; ++m) {
-#pragma unroll
-              for (int c = 0; c < 4; ++c) {
-                const int i = 4 * (r + m * R) + c;
-#pragma unroll
-                for (int n = 0; n < NC; ++n) {
-                  const int j = j0 + n;
-                  S[4 * m + c][n] = (i < Dk && j < Dv) ? src[static_cast<int64_t>(j) * Dk + i] : 0.0f;
-                }
-              }
-            }
+            load_tile<true, R>(src, Dk, Dv, r, j0, S);
           }
 
           float sdo[NC], u[NC], du[NC];
@@ -242,17 +219,7 @@ __global__ void __launch_bounds__(kBwdMaxWarps * 32)
   }
 
   float* g0 = a.d_initial_state + static_cast<int64_t>(bh) * Dk * Dv;
-#pragma unroll
-  for (int m = 0; m < NR / 4; ++m) {
-#pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      const int i = 4 * (r + m * R) + c;
-#pragma unroll
-      for (int n = 0; n < NC; ++n) {
-        if (i < Dk && j0 + n < Dv) g0[static_cast<int64_t>(i) * Dv + j0 + n] = G[4 * m + c][n];
-      }
-    }
-  }
+  store_tile<false, R>(g0, Dk, Dv, r, j0, G);
 }
 
 }  // namespace lmtool_fw

@@ -58,6 +58,23 @@ void poison(const std::vector<at::Tensor>& outs, bool on) {
   }
 }
 
+// The fields ForwardArgs and BackwardArgs share: dtype, rule, sizes (B, H, L, Dk from q), scale, q and k.
+template <class Args>
+void set_problem(Args& a, const at::Tensor& q, const at::Tensor& k, bool delta, int64_t Dv, double scale) {
+  a.dtype = dtype_code(q);
+  a.delta = delta;
+  a.B = static_cast<int>(q.size(0));
+  a.H = static_cast<int>(q.size(1));
+  a.L = static_cast<int>(q.size(2));
+  a.Dk = static_cast<int>(q.size(3));
+  a.Dv = static_cast<int>(Dv);
+  a.scale = static_cast<float>(scale);
+  a.q = q.data_ptr();
+  a.k = k.data_ptr();
+  a.sq = strides_of(q);
+  a.sk = strides_of(k);
+}
+
 // Returns [out, final_state, resid, ckpt]; resid and ckpt are empty unless `save` (resid: delta rule only).
 std::vector<at::Tensor> forward(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                                 const std::optional<at::Tensor>& beta_in,
@@ -78,19 +95,8 @@ std::vector<at::Tensor> forward(const at::Tensor& q_in, const at::Tensor& k_in, 
   TORCH_CHECK(L <= std::numeric_limits<int>::max() && B * H <= std::numeric_limits<int>::max(), "too large");
 
   lmtool_fw::ForwardArgs a;
-  a.dtype = dtype_code(q);
-  a.delta = delta;
-  a.B = static_cast<int>(B);
-  a.H = static_cast<int>(H);
-  a.L = static_cast<int>(L);
-  a.Dk = static_cast<int>(Dk);
-  a.Dv = static_cast<int>(Dv);
-  a.scale = static_cast<float>(scale);
-  a.q = q.data_ptr();
-  a.k = k.data_ptr();
+  set_problem(a, q, k, delta, Dv, scale);
   a.v = v.data_ptr();
-  a.sq = strides_of(q);
-  a.sk = strides_of(k);
   a.sv = strides_of(v);
   at::Tensor beta;
   if (delta) {
@@ -147,19 +153,8 @@ std::vector<at::Tensor> backward(const at::Tensor& q_in, const at::Tensor& k_in,
   const at::Tensor final_state = float_state(final_state_in, "final_state", q);
 
   lmtool_fw::BackwardArgs a;
-  a.dtype = dtype_code(q);
-  a.delta = delta;
-  a.B = static_cast<int>(B);
-  a.H = static_cast<int>(H);
-  a.L = static_cast<int>(L);
-  a.Dk = static_cast<int>(Dk);
-  a.Dv = static_cast<int>(Dv);
-  a.scale = static_cast<float>(scale);
-  a.q = q.data_ptr();
-  a.k = k.data_ptr();
+  set_problem(a, q, k, delta, Dv, scale);
   a.dout = dout.data_ptr();
-  a.sq = strides_of(q);
-  a.sk = strides_of(k);
   a.sdout = strides_of(dout);
   a.final_state = final_state.data_ptr<float>();
   at::Tensor x, beta;

@@ -52,6 +52,49 @@ inline int dispatch_dk(int Dk, F&& f) {
 
 inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
+// A thread's register tile T[NR][NC] of a Dk x Dv state: rows 4 (r + m R) + c (m < NR / 4, c < 4), columns
+// j0 + n (n < NC). In memory the state is [Dk, Dv] row-major, or [Dv, Dk] with TRANSPOSED (the checkpoints,
+// so that a token's column tile is contiguous). Entries outside Dk x Dv are skipped (store) or zero (load),
+// and so is the whole tile when p is null.
+template <bool TRANSPOSED>
+__device__ __forceinline__ int64_t tile_offset(int i, int j, int Dk, int Dv) {
+  return TRANSPOSED ? static_cast<int64_t>(j) * Dk + i : static_cast<int64_t>(i) * Dv + j;
+}
+
+template <bool TRANSPOSED, int R, int NR, int NC>
+__device__ __forceinline__ void load_tile(const float* __restrict__ p, int Dk, int Dv, int r, int j0,
+                                          float (&T)[NR][NC]) {
+#pragma unroll
+  for (int m = 0; m < NR / 4; ++m) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int i = 4 * (r + m * R) + c;
+#pragma unroll
+      for (int n = 0; n < NC; ++n) {
+        const int j = j0 + n;
+        T[4 * m + c][n] = (p != nullptr && i < Dk && j < Dv) ? p[tile_offset<TRANSPOSED>(i, j, Dk, Dv)] : 0.0f;
+      }
+    }
+  }
+}
+
+template <bool TRANSPOSED, int R, int NR, int NC>
+__device__ __forceinline__ void store_tile(float* __restrict__ p, int Dk, int Dv, int r, int j0,
+                                           const float (&T)[NR][NC]) {
+#pragma unroll
+  for (int m = 0; m < NR / 4; ++m) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int i = 4 * (r + m * R) + c;
+#pragma unroll
+      for (int n = 0; n < NC; ++n) {
+        const int j = j0 + n;
+        if (i < Dk && j < Dv) p[tile_offset<TRANSPOSED>(i, j, Dk, Dv)] = T[4 * m + c][n];
+      }
+    }
+  }
+}
+
 // num_checkpoints() of fast_weight.h, for device code.
 __host__ __device__ __forceinline__ int checkpoint_count(int L, int C) { return L > 0 ? (L - 1) / C : 0; }
 

@@ -48,18 +48,7 @@ __global__ void __launch_bounds__(kFwdMaxWarps * 32) forward_kernel(ForwardArgs 
 
   float S[NR][NC];
   const float* s0 = a.initial_state ? a.initial_state + static_cast<int64_t>(bh) * Dk * Dv : nullptr;
-#pragma unroll
-  for (int m = 0; m < NR / 4; ++m) {
-#pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      const int i = 4 * (r + m * R) + c;
-#pragma unroll
-      for (int n = 0; n < NC; ++n) {
-        const int j = j0 + n;
-        S[4 * m + c][n] = (s0 != nullptr && i < Dk && j < Dv) ? s0[static_cast<int64_t>(i) * Dv + j] : 0.0f;
-      }
-    }
-  }
+  load_tile<false, R>(s0, Dk, Dv, r, j0, S);
 
   auto load = [&](FwdStep<NR>& x, int t) {
     const bool valid = t < L;
@@ -120,17 +109,7 @@ __global__ void __launch_bounds__(kFwdMaxWarps * 32) forward_kernel(ForwardArgs 
         }
         if (ckpt != nullptr && (t + 1) % C == 0 && t + 1 < L) {
           float* dst = ckpt + static_cast<int64_t>((t + 1) / C - 1) * Dv * Dk;
-#pragma unroll
-          for (int m = 0; m < NR / 4; ++m) {
-#pragma unroll
-            for (int c = 0; c < 4; ++c) {
-              const int i = 4 * (r + m * R) + c;
-#pragma unroll
-              for (int n = 0; n < NC; ++n) {
-                if (i < Dk && j0 + n < Dv) dst[static_cast<int64_t>(j0 + n) * Dk + i] = S[4 * m + c][n];
-              }
-            }
-          }
+          store_tile<true, R>(dst, Dk, Dv, r, j0, S);
         }
       }
       load(buf[p], t + P);
@@ -138,17 +117,7 @@ __global__ void __launch_bounds__(kFwdMaxWarps * 32) forward_kernel(ForwardArgs 
   }
 
   float* sL = a.final_state + static_cast<int64_t>(bh) * Dk * Dv;
-#pragma unroll
-  for (int m = 0; m < NR / 4; ++m) {
-#pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      const int i = 4 * (r + m * R) + c;
-#pragma unroll
-      for (int n = 0; n < NC; ++n) {
-        if (i < Dk && j0 + n < Dv) sL[static_cast<int64_t>(i) * Dv + j0 + n] = S[4 * m + c][n];
-      }
-    }
-  }
+  store_tile<false, R>(sL, Dk, Dv, r, j0, S);
 }
 
 }  // namespace lmtool_fw

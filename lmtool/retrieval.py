@@ -24,7 +24,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from lmtool.config import ConfigError, RetrievalRunConfig, register_configs, validate
-from lmtool.train.retrieval import PAPER_MAX_STEPS, train_memory
+from lmtool.train.retrieval import train_memory
 
 register_configs()
 
@@ -41,7 +41,7 @@ def grid_sizes(cfg: Any) -> list[int]:
     return sorted(set(cfg.setting.sizes))
 
 
-MAX_STEPS = {"paper": PAPER_MAX_STEPS, "default": 3_000}  # run.max_steps=null: the grid's (see docs/retrieval.md)
+MAX_STEPS = {"paper": 100_000, "default": 3_000}  # run.max_steps=null: the grid's (see docs/retrieval.md)
 
 
 def run_config(cfg: Any) -> RetrievalRunConfig:
@@ -98,10 +98,6 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def _train(job: tuple[str, int, str, RetrievalRunConfig]) -> dict:
-    return train_memory(*job)
-
-
 def run_sweep(cfg: Any, out_dir: Path, log=print) -> Path:
     """Run the missing (memory, S) pairs of the sweep, append their rows, plot; returns the CSV path."""
     setting = cfg.setting.name
@@ -109,7 +105,8 @@ def run_sweep(cfg: Any, out_dir: Path, log=print) -> Path:
     fingerprint = run_fingerprint(run)
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = out_dir / f"retrieval_{setting}.csv"
-    done = {(r["memory"], int(r["n_symbols"])) for r in read_rows(csv_path) if r["run_config"] == fingerprint}
+    rows = [r for r in read_rows(csv_path) if r["run_config"] == fingerprint]
+    done = {(r["memory"], int(r["n_symbols"])) for r in rows}
     jobs = [
         (setting, s, memory, run)
         for memory in cfg.setting.memories
@@ -121,11 +118,11 @@ def run_sweep(cfg: Any, out_dir: Path, log=print) -> Path:
     for row in _run_all(jobs, cfg.workers):
         row["run_config"] = fingerprint
         append_row(csv_path, row)
+        rows.append(row)
         log(
             f"{row['memory']:>12} S={row['n_symbols']:<4} best loss {row['best_loss']:.5f} after "
             f"{row['steps']} steps ({row['stop']}, {row['seconds']:.0f} s)"
         )
-    rows = [r for r in read_rows(csv_path) if r["run_config"] == fingerprint]
     png = plot_losses(rows, out_dir / f"retrieval_{setting}.png", setting, cfg.setting.log_y, cfg.setting.memories)
     log(f"wrote {csv_path} and {png}")
     return csv_path
@@ -134,11 +131,11 @@ def run_sweep(cfg: Any, out_dir: Path, log=print) -> Path:
 def _run_all(jobs: list, workers: int):
     if workers == 1:
         _one_thread()
-        yield from map(_train, jobs)
+        yield from (train_memory(*job) for job in jobs)
         return
     context = multiprocessing.get_context("spawn")  # no fork of a process that already runs torch threads
     with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_one_thread) as pool:
-        futures = [pool.submit(_train, job) for job in jobs]
+        futures = [pool.submit(train_memory, *job) for job in jobs]
         for future in as_completed(futures):
             yield future.result()
 

@@ -36,6 +36,8 @@ def parse_memory(name: str) -> tuple[str, str, int | None]:
             f"{', '.join(FEATURE_MAPS)} (dpfp<nu>, favor<m> take a number, e.g. sum/dpfp2)"
         )
     number = int(match.group(3)) if match.group(3) else None
+    if number is not None and match.group(2) not in ("dpfp", "favor"):
+        raise ValueError(f"retrieval memory {name!r}: only dpfp<nu> and favor<m> take a number")
     return match.group(1), match.group(2), number
 
 
@@ -64,8 +66,8 @@ class RetrievalMemory(nn.Module):
         self.query = nn.Linear(d_emb, d_key, bias=False)
         self.feature_map = None
         if self.rule != "softmax":
-            options = {"nu": number} if map_name == "dpfp" else {"n_features": number} if map_name == "favor" else {}
-            self.feature_map = make_feature_map(map_name, d_key, **{k: v for k, v in options.items() if v})
+            sizes = {} if number is None else {"nu": number, "n_features": number}  # dpfp reads nu, favor m
+            self.feature_map = make_feature_map(map_name, d_key, **sizes)
         self.qk_norm = qk_norm if qk_norm is not None else ("sum" if self.rule == "delta" else "none")
         self.attn_norm = attn_norm if attn_norm is not None else self.rule == "sum"
 

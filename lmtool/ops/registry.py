@@ -133,15 +133,22 @@ def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     return torch.float32
 
 
+def initial_state_or_zeros(
+    q: torch.Tensor, v: torch.Tensor, initial_state: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """The state before step 1 in `dtype`: `initial_state`, or zeros `[B, H, Dk, Dv]` when it is None."""
+    B, H, _, Dk = q.shape
+    if initial_state is None:
+        return q.new_zeros(B, H, Dk, v.shape[-1], dtype=dtype)
+    return initial_state.to(dtype)
+
+
 def empty_sequence(
     q: torch.Tensor, v: torch.Tensor, initial_state: torch.Tensor | None, output_final_state: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Result for L = 0: no output tokens and the initial state (zeros if None) as the final state."""
-    B, H, _, Dk = q.shape
-    o = q.new_empty(B, H, 0, v.shape[-1])
+    o = q.new_empty(*q.shape[:3], v.shape[-1])
     if not output_final_state:
         return o, None
-    dtype = compute_dtype(q, v, initial_state)
-    if initial_state is None:
-        return o, q.new_zeros(B, H, Dk, v.shape[-1], dtype=dtype)
-    return o, initial_state.to(dtype) + 0  # a fresh tensor that still carries the gradient
+    # + 0: a fresh tensor (never the caller's initial_state itself) that still carries the gradient
+    return o, initial_state_or_zeros(q, v, initial_state, compute_dtype(q, v, initial_state)) + 0

@@ -11,7 +11,14 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from lmtool.ops.chunking import addmm_, from_chunks, mT, to_chunks
-from lmtool.ops.registry import check_inputs, compute_dtype, empty_sequence, register_impl, resolve_impl
+from lmtool.ops.registry import (
+    check_inputs,
+    compute_dtype,
+    empty_sequence,
+    initial_state_or_zeros,
+    register_impl,
+    resolve_impl,
+)
 
 OP = "sum_rule"
 DEFAULT_CHUNK_SIZE = 64  # the fastest of 16/32/64/128 in scripts/bench_ops.py (docs/ops_benchmark.md)
@@ -65,9 +72,8 @@ def sum_rule_recurrent(
     output_final_state: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Reference form of :func:`sum_rule`: one step per token, exactly the equations (autograd backward)."""
-    B, H, L, Dk = q.shape
     dtype = compute_dtype(q, k, v, initial_state)
-    S = q.new_zeros(B, H, Dk, v.shape[-1], dtype=dtype) if initial_state is None else initial_state.to(dtype)
+    S = initial_state_or_zeros(q, v, initial_state, dtype)
     outs = []
     steps = zip(*(x.to(dtype).unbind(2) for x in (q, k, v)), strict=True)
     for q_t, k_t, v_t in steps:

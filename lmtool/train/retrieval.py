@@ -15,8 +15,6 @@ from lmtool.config import RetrievalRunConfig
 from lmtool.data.retrieval import last_values, sample_pairs, sample_queries
 from lmtool.models.retrieval import RetrievalMemory, retrieval_loss
 
-PAPER_MAX_STEPS = 100_000
-
 
 @torch.no_grad()
 def evaluate_memory(model: RetrievalMemory, setting: str, n_symbols: int, n_sequences: int, generator) -> float:
@@ -32,6 +30,8 @@ def evaluate_memory(model: RetrievalMemory, setting: str, n_symbols: int, n_sequ
 def train_memory(setting: str, n_symbols: int, memory: str, run: RetrievalRunConfig, log=None) -> dict:
     """Train `memory` on `setting` with `n_symbols` keys; returns the row of the sweep's CSV.
 
+    `run.max_steps` must be set (`lmtool-retrieval` resolves its null to the grid's limit).
+
     `best_loss` is the lowest evaluation loss seen (what the paper plots), `final_loss` the last one;
     `stop` says why training ended: "solved", "no_progress", "max_steps" or "nan".
     """
@@ -40,10 +40,9 @@ def train_memory(setting: str, n_symbols: int, memory: str, run: RetrievalRunCon
     eval_gen = torch.Generator().manual_seed(run.seed + 1_000_003)
     model = RetrievalMemory(n_symbols, memory, d_key=run.d_key, embedding_factor=run.embedding_factor)
     optimizer = torch.optim.Adam(model.parameters(), lr=run.lr)
-    max_steps = run.max_steps if run.max_steps is not None else PAPER_MAX_STEPS
     best, best_step, last, stop, step = math.inf, 0, math.inf, "max_steps", 0
     start = time.perf_counter()
-    while step < max_steps:
+    while step < run.max_steps:
         keys, values = sample_pairs(setting, n_symbols, run.batch_size, train_gen)
         queries, targets = sample_queries(keys, values, n_symbols, train_gen)
         loss = retrieval_loss(model(keys, values, queries), targets)
@@ -51,7 +50,7 @@ def train_memory(setting: str, n_symbols: int, memory: str, run: RetrievalRunCon
         loss.backward()
         optimizer.step()
         step += 1
-        if step % run.eval_interval and step < max_steps:
+        if step % run.eval_interval and step < run.max_steps:
             continue
         last = evaluate_memory(model, setting, n_symbols, run.eval_sequences, eval_gen)
         if not math.isfinite(last):

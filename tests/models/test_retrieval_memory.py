@@ -82,6 +82,8 @@ def test_parse_memory_names():
     for bad in ("sum/elux", "gated/elu", "dpfp2"):
         with pytest.raises(ValueError, match="softmax or <sum\\|delta>/<map>"):
             parse_memory(bad)
+    with pytest.raises(ValueError, match="only dpfp<nu> and favor<m> take a number"):
+        parse_memory("sum/elu3")
 
 
 def test_loss_is_half_for_zeros_and_skips_absent_keys():
