@@ -13,39 +13,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-
-@dataclass
-class ModelConfig:
-    name: str = MISSING  # transformer | transformer_xl | fwm (token mixer of every block)
-    n_layer: int = 4
-    d_model: int = 256
-    n_head: int = 4
-    d_head: int = 64
-    d_inner: int = 1024
-    dropout: float = 0.1
-    dropatt: float = 0.0
-    pre_lnorm: bool = False
-    tie_weight: bool = True
-    pos_emb: bool = True  # sinusoidal absolute positions added to the embedding
-    init_std: float = 0.02
-    proj_init_std: float = 0.01
-    # fast weights: pass each layer's state (detached) to the next segment, as the seed's
-    # carry_over_fast_weight; reset at every epoch and every evaluation
-    carry_over: bool = False
-    # segment memory (transformer, transformer_xl): each layer attends to its input of the previous segments,
-    # the last mem_len positions, detached; carried across training and evaluation segments, reset per epoch.
-    # mem_len, same_length and clamp_len are evaluation-time knobs (not part of the checkpoint signature).
-    mem_len: int = 0
-    same_length: bool = False  # every query attends to the mem_len keys ending at itself (needs mem_len > 0)
-    clamp_len: int = 0  # transformer_xl: relative distances beyond clamp_len use clamp_len's encoding; 0 = off
-    untie_r: bool = False  # transformer_xl: a content/position bias pair per layer (default: one shared pair)
-    # adaptive input + adaptive softmax (Baevski & Auli 2019; Grave et al. 2017): vocabulary clusters split at
-    # `cutoffs`, cluster i embedded in d_model // div_val**i dimensions; tie_weight shares the tables between
-    # input and output, tie_projs the tail clusters' projections
-    adaptive: bool = False
-    cutoffs: list[int] = field(default_factory=list)
-    div_val: int = 1
-    tie_projs: bool = True
+from lmtool.models.registry import FAMILIES, get_family
 
 
 @dataclass
@@ -130,7 +98,8 @@ class TrainerConfig:
 
 @dataclass
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    # typed by the chosen family's schema (`conf/model/<name>.yaml` names it; lmtool/models/registry.py)
+    model: Any = MISSING
     update_rule: UpdateRuleConfig = field(default_factory=UpdateRuleConfig)
     feature_map: FeatureMapConfig = field(default_factory=FeatureMapConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
@@ -199,11 +168,6 @@ class RetrievalConfig:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "model.name": ("transformer", "transformer_xl", "fwm"),
-    "update_rule.name": ("sum", "delta"),
-    "update_rule.impl": ("auto", "recurrent", "chunk", "cuda"),
-    "update_rule.qk_norm": ("sum", "l2", "none"),
-    "feature_map.name": ("elu", "favor", "dpfp", "identity", "relu"),
     "feature_map.redraw": ("every_forward", "every_n", "fixed"),
     "optimizer.name": ("adam", "adamw", "sgd", "adagrad"),
     "scheduler.name": ("cosine", "inv_sqrt", "constant", "dev_perf"),
@@ -249,38 +213,33 @@ def validate(cfg: Any) -> None:
                 f"trainer.batch_chunk={trainer.batch_chunk}"
             )
     model = _lookup(cfg, "model")
-    if model is not None and model.name == "fwm":
-        _validate_fast_weights(cfg)
     if model is not None:
-        _validate_memory_and_adaptive(model)
+        _validate_model(cfg)
 
 
-def _validate_fast_weights(cfg: Any) -> None:
-    rule, fmap, model = cfg.update_rule, cfg.feature_map, cfg.model
-    if fmap.name == "identity" and (rule.qk_norm == "sum" or rule.normalized_retrieval):
-        raise ConfigError(
-            "feature_map=identity can be negative, so update_rule.qk_norm=sum and normalized_retrieval divide "
-            "by sums that may vanish: use update_rule.qk_norm=l2 (DeltaNet) or none"
-        )
-    if rule.normalized_retrieval and rule.name != "delta":
-        raise ConfigError("update_rule.normalized_retrieval=true needs update_rule=delta")
-    if model.carry_over and model.pos_emb:
-        raise ConfigError(
-            "model.carry_over=true needs model.pos_emb=false: absolute positions restart at every segment "
-            "while the carried fast weights do not"
-        )
+def _validate_model(cfg: Any) -> None:
+    model = cfg.model
+    try:
+        family = get_family(model.name)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    problem = family.check(cfg) if family.check is not None else None
+    if problem:
+        raise ConfigError(problem)
+    _validate_memory_and_adaptive(model)
 
 
 def _validate_memory_and_adaptive(model: Any) -> None:
     for key in ("mem_len", "clamp_len"):
-        if model[key] < 0:
+        if model.get(key, 0) < 0:
             raise ConfigError(f"model.{key} must be at least 0, got {model[key]}")
-    if model.mem_len > 0 and model.name not in ("transformer", "transformer_xl"):
-        raise ConfigError(f"model.mem_len applies to model=transformer or transformer_xl, not {model.name}")
-    if model.same_length and model.mem_len < 1:
+    if model.get("same_length", False) and model.mem_len < 1:
         raise ConfigError("model.same_length=true attends to the last mem_len keys: set model.mem_len > 0")
-    if model.name == "transformer_xl" and model.pos_emb:
-        raise ConfigError("model=transformer_xl uses relative positions: set model.pos_emb=false")
+    if model.carry_over and "mem_len" in model:
+        raise ConfigError(
+            f"model.carry_over=true carries a fixed-size state; model={model.name} carries its past through "
+            "a memory: set model.mem_len instead"
+        )
     if model.div_val < 1:
         raise ConfigError(f"model.div_val must be at least 1, got {model.div_val}")
     cutoffs = list(model.cutoffs)
@@ -298,6 +257,8 @@ def _validate_memory_and_adaptive(model: Any) -> None:
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
+    for family in FAMILIES.values():  # conf/model/<name>.yaml lists `<name>_schema` in its defaults
+        cs.store(group="model", name=f"{family.name}_schema", node=family.schema)
     cs.store(name="base_eval", node=EvalConfig)
     cs.store(name="base_prepare", node=PrepareConfig)
     cs.store(name="base_retrieval", node=RetrievalConfig)

@@ -12,6 +12,7 @@ they are not part of the checkpoint's model signature), batch_size, device.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import sys
 import time
@@ -22,10 +23,15 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from lmtool.config import ConfigError, register_configs, validate
+from lmtool.models.registry import get_family
 
 register_configs()
 
 MODEL_OVERRIDES = ("mem_len", "clamp_len", "same_length")
+
+
+def fields_of(schema: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(schema)}
 
 
 def run_config_for_eval(run_cfg: Any, cfg: Any) -> Any:
@@ -33,6 +39,8 @@ def run_config_for_eval(run_cfg: Any, cfg: Any) -> Any:
     run_cfg = copy.deepcopy(run_cfg)
     for key in MODEL_OVERRIDES:
         if cfg[key] is not None:
+            if key not in fields_of(get_family(run_cfg.model.name).schema):
+                raise ConfigError(f"this checkpoint's model ({run_cfg.model.name}) has no {key} to override")
             run_cfg.model[key] = cfg[key]
     try:
         validate(run_cfg)
@@ -54,7 +62,8 @@ def evaluate_checkpoint(cfg: Any) -> dict:
     from lmtool.data import load_corpus
     from lmtool.models.build import build_model
     from lmtool.train.checkpoint import CheckpointError, load_checkpoint
-    from lmtool.train.loop import evaluate, resolve_device
+    from lmtool.train.device import resolve_device
+    from lmtool.train.evaluation import evaluate
     from lmtool.train.metrics import perplexity_fields
     from lmtool.train.sliding import sliding_window_nll
 
@@ -85,9 +94,9 @@ def evaluate_checkpoint(cfg: Any) -> dict:
         "split": cfg.split,
         "mode": cfg.mode,
         "tgt_len": tgt_len,
-        "mem_len": m.mem_len,
-        "clamp_len": m.clamp_len,
-        "same_length": m.same_length,
+        "mem_len": m.get("mem_len", 0),
+        "clamp_len": m.get("clamp_len", 0),
+        "same_length": m.get("same_length", False),
         "batch_size": cfg.batch_size,
         "loss": loss,
         **perplexity_fields(loss, corpus.metric),

@@ -1,17 +1,22 @@
-"""Fast weight attention: linear attention as a fast weight programmer (the seed's attn_type 24-26,
-34-36 and 44-46).
+"""Fast weight attention: linear attention as a fast weight programmer (`model=fwm`).
 
 Schlag, Irie & Schmidhuber (2021), "Linear Transformers Are Secretly Fast Weight Programmers",
 arXiv 2102.11174. The update rule itself (sum or delta) is an op of `lmtool.ops`; this layer adds the
 projections, the feature map, key/query normalisation, the attention normaliser and the output projection.
+The layer is configured by the `update_rule` and `feature_map` config groups (`build_fast_weight`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
 
-from lmtool.ops import delta_rule, sum_rule
+from lmtool.layers.feature_maps import FEATURE_MAPS, make_feature_map
+from lmtool.layers.mixer import TokenMixer
+from lmtool.ops import available_impls, delta_rule, sum_rule
 
 UPDATE_RULES = ("sum", "delta")
 QK_NORMS = ("sum", "l2", "none")
@@ -30,11 +35,10 @@ def normalize_features(phi: torch.Tensor, qk_norm: str, eps: float) -> torch.Ten
 FastWeightState = tuple[torch.Tensor, torch.Tensor | None]
 
 
-class FastWeightAttention(nn.Module):
-    """Multi-head fast weight attention with the sum or delta update rule.
+class FastWeightAttention(TokenMixer):
+    """Multi-head fast weight attention with the sum or delta update rule (a `TokenMixer`).
 
-    Token mixer interface shared by every attention layer: `forward(x [B, L, d_model], state, return_state)`
-    returns `(y [B, L, d_model], new_state)`. Per head, from bias-free projections of x:
+    Per head, from bias-free projections of x:
         q, k, v = W_q x, W_k x, W_v x;  beta = sigmoid(W_beta x) (delta rule only)
         phi_q, phi_k = norm(phi(q)), norm(phi(k))      phi = `feature_map`, norm = `qk_norm`:
             "sum": phi / sum(phi) (the paper's default for the delta rule), "l2": phi / |phi| (DeltaNet),
@@ -61,7 +65,8 @@ class FastWeightAttention(nn.Module):
 
     State: `(S [B, H, d_dot, d_head], z [B, H, d_dot])`, float32 (float64 for float64 inputs); z is None
     when neither `attn_norm` nor `normalized_retrieval` needs it. `state=None` starts from zeros; the new
-    state is returned only when `return_state` (z_T = z_0 + sum_t phi_k_t). The caller detaches it.
+    state is returned only when `return_state` (z_T = z_0 + sum_t phi_k_t). The caller detaches it. The state
+    has a fixed size whatever the context length; one token (L = 1) runs one step of the recurrent form.
     The fast-weight math runs in float32 even under bf16/fp16 autocast; the read-out is cast back to the
     projections' dtype before the output projection.
     """
@@ -119,6 +124,9 @@ class FastWeightAttention(nn.Module):
     def _normalize(self, phi: torch.Tensor) -> torch.Tensor:
         return normalize_features(phi, self.qk_norm, self.eps)
 
+    def init_state(self, batch_size: int, *, device: torch.device, dtype: torch.dtype) -> Any:
+        return self._initial_state(None, batch_size, torch.promote_types(dtype, torch.float32), device)
+
     def _initial_state(
         self, state: FastWeightState | None, B: int, dtype: torch.dtype, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -143,6 +151,8 @@ class FastWeightAttention(nn.Module):
         beta_logits = self.beta(x).transpose(1, 2) if self.beta is not None else None  # [B, H, L]
         out_dtype = v.dtype
         dtype = torch.promote_types(v.dtype, torch.float32)
+        # one token (decoding): a single step of the recurrence beats setting up a chunked solve
+        impl = "recurrent" if L == 1 and self.impl == "auto" else self.impl
         with torch.autocast(x.device.type, enabled=False):
             q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
             # one call for q and k so that a random feature map uses one projection for both
@@ -152,7 +162,7 @@ class FastWeightAttention(nn.Module):
             if self.update_rule == "sum":
                 o, S = sum_rule(
                     phi_q, phi_k, v, scale=self.scale, initial_state=S0,
-                    output_final_state=return_state, impl=self.impl,
+                    output_final_state=return_state, impl=impl,
                 )  # fmt: skip
             else:
                 beta = torch.sigmoid(beta_logits.to(dtype))
@@ -162,7 +172,7 @@ class FastWeightAttention(nn.Module):
                     beta, v = beta / d, v * d.unsqueeze(-1)
                 o, S = delta_rule(
                     phi_q, phi_k, v, beta, scale=self.scale, initial_state=S0,
-                    output_final_state=return_state, impl=self.impl,
+                    output_final_state=return_state, impl=impl,
                 )  # fmt: skip
             if self.attn_norm:
                 o = o / ((z * phi_q).sum(-1, keepdim=True) + self.eps)
@@ -172,3 +182,47 @@ class FastWeightAttention(nn.Module):
             return y, None
         z_last = None if z0 is None else z0 + phi_k.sum(dim=2)
         return y, (S, z_last)
+
+
+def validate_fast_weight_config(cfg: Any) -> str | None:
+    """The reason why the `update_rule` / `feature_map` / `model` combination cannot be built, or None."""
+    rule, fmap, model = cfg.update_rule, cfg.feature_map, cfg.model
+    for key, value, allowed in (
+        ("update_rule.name", rule.name, UPDATE_RULES),
+        ("update_rule.qk_norm", rule.qk_norm, QK_NORMS),
+        ("update_rule.impl", rule.impl, ("auto", *available_impls("delta_rule"))),
+        ("feature_map.name", fmap.name, tuple(FEATURE_MAPS)),
+    ):
+        if value not in allowed:
+            return f"{key}={value} is not one of {', '.join(allowed)}"
+    if fmap.name == "identity" and (rule.qk_norm == "sum" or rule.normalized_retrieval):
+        return (
+            "feature_map=identity can be negative, so update_rule.qk_norm=sum and normalized_retrieval divide "
+            "by sums that may vanish: use update_rule.qk_norm=l2 (DeltaNet) or none"
+        )
+    if rule.normalized_retrieval and rule.name != "delta":
+        return "update_rule.normalized_retrieval=true needs update_rule=delta"
+    if model.carry_over and model.pos_emb:
+        return (
+            "model.carry_over=true needs model.pos_emb=false: absolute positions would grow without bound "
+            "while the model was trained on short segments"
+        )
+    return None
+
+
+def build_fast_weight(cfg: Any) -> Callable[[int], TokenMixer]:
+    """`layer index -> FastWeightAttention` for `model=fwm`, from the update_rule and feature_map groups."""
+    m, rule, fmap = cfg.model, cfg.update_rule, cfg.feature_map
+
+    def make(i: int) -> TokenMixer:
+        phi = make_feature_map(
+            fmap.name, m.d_head, nu=fmap.nu, n_features=fmap.n_features,
+            redraw=fmap.redraw, redraw_interval=fmap.redraw_interval,
+        )  # fmt: skip
+        return FastWeightAttention(
+            m.d_model, m.n_head, m.d_head, m.dropout, update_rule=rule.name, feature_map=phi,
+            qk_norm=rule.qk_norm, attn_norm=rule.attn_norm, normalized_retrieval=rule.normalized_retrieval,
+            eps=rule.eps, impl=rule.impl,
+        )  # fmt: skip
+
+    return make

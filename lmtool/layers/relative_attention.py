@@ -1,15 +1,31 @@
-"""Relative positional attention with segment-level recurrence (Transformer-XL; the seed's attn_type 0).
+"""Relative positional attention with segment-level recurrence (Transformer-XL).
 
 Dai et al. (2019), "Transformer-XL: Attentive Language Models Beyond a Fixed-Length Context", arXiv 1901.02860.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lmtool.layers.attention import memory_attention_mask, update_memory
+from lmtool.layers.mixer import ModelConfig, TokenMixer
+
+
+@dataclass
+class TransformerXLConfig(ModelConfig):
+    """`model=transformer_xl`: relative positions (no absolute ones) and a segment memory."""
+
+    pos_emb: bool = False
+    mem_len: int = 0  # memory length (an evaluation-time knob, like same_length and clamp_len)
+    same_length: bool = False  # every query attends to the mem_len keys ending at itself (needs mem_len > 0)
+    clamp_len: int = 0  # relative distances beyond clamp_len use clamp_len's encoding; 0 = off
+    untie_r: bool = False  # a content/position bias pair per layer (default: one pair shared by all layers)
 
 
 def relative_shift(x: torch.Tensor) -> torch.Tensor:
@@ -49,11 +65,10 @@ class RelativeBiases(nn.Module):
         nn.init.normal_(self.position, 0.0, init_std)
 
 
-class RelativeAttention(nn.Module):
-    """Multi-head attention with relative positions and a segment memory (Transformer-XL).
+class RelativeAttention(TokenMixer):
+    """Multi-head attention with relative positions and a segment memory (Transformer-XL; a `TokenMixer`).
 
-    Token mixer interface shared by every attention layer: `forward(x [B, L, d_model], state, return_state)`
-    returns `(y [B, L, d_model], new_state)`. Per head, with keys and values over cat(memory, x) (length K)
+    Per head, with keys and values over cat(memory, x) (length K)
     and queries over x:
         score(i, j) = (q_i + u) . k_j  +  (q_i + v) . W_r R_{d(i, j)}        d(i, j) = M + i - j
         y = dropout(W_o concat_h softmax(score / sqrt(d_head) + causal mask) v)
@@ -67,7 +82,7 @@ class RelativeAttention(nn.Module):
     `return_state` and mem_len > 0. `same_length`: each query attends to the mem_len keys ending at itself.
     """
 
-    relative_positions = True  # the model adds no absolute positions for this mixer
+    relative_positions = True  # the model adds no absolute positions
 
     def __init__(
         self,
@@ -135,3 +150,25 @@ class RelativeAttention(nn.Module):
         if not (return_state and self.mem_len > 0):
             return y, None
         return y, update_memory(memory, x, self.mem_len)
+
+
+def check_transformer_xl(cfg: Any) -> str | None:
+    """Why `cfg` cannot build a Transformer-XL, or None."""
+    if cfg.model.pos_emb:
+        return "model=transformer_xl uses relative positions: set model.pos_emb=false"
+    return None
+
+
+def build_transformer_xl(cfg: Any) -> Callable[[int], TokenMixer]:
+    """`layer index -> RelativeAttention` for `model=transformer_xl`; one bias pair shared unless untie_r."""
+    m = cfg.model
+    shared = None if m.untie_r else RelativeBiases(m.n_head, m.d_head)  # Transformer-XL's default
+
+    def make(i: int) -> TokenMixer:
+        return RelativeAttention(
+            m.d_model, m.n_head, m.d_head, m.dropout, m.dropatt,
+            biases=shared if shared is not None else RelativeBiases(m.n_head, m.d_head),
+            mem_len=m.mem_len, same_length=m.same_length, clamp_len=m.clamp_len,
+        )  # fmt: skip
+
+    return make

@@ -1,9 +1,8 @@
 """The one causal language model of lmtool: embedding -> block stack -> (adaptive) softmax.
 
-Token mixers (softmax attention, relative attention, fast weight attention, ...) plug in through a factory,
-so every model family is this class with a different mixer. Each mixer may carry a per-layer state across
-segments (fast weights, or a Transformer-XL segment memory); the model passes a list of those states in and
-returns the new list.
+Token mixers (`lmtool.layers.mixer.TokenMixer`: softmax attention, relative attention, fast weight
+attention, ...) plug in through a factory, so every model family is this class with a different mixer. The
+model's state (`lmtool.models.state.LMState`) holds each mixer's state and the number of tokens seen.
 """
 
 from __future__ import annotations
@@ -18,13 +17,15 @@ from torch import nn
 
 from lmtool.layers.adaptive import AdaptiveEmbedding, AdaptiveLogSoftmax
 from lmtool.layers.feedforward import FeedForward
+from lmtool.layers.mixer import TokenMixer
 from lmtool.layers.positional import SinusoidalPositions
+from lmtool.models.state import LMState
 
 
 class Block(nn.Module):
     """Residual block: token mixer then feed-forward, each with post-LN (default) or pre-LN."""
 
-    def __init__(self, mixer: nn.Module, d_model: int, d_inner: int, dropout: float, pre_lnorm: bool):
+    def __init__(self, mixer: TokenMixer, d_model: int, d_inner: int, dropout: float, pre_lnorm: bool):
         super().__init__()
         self.mixer = mixer
         self.ff = FeedForward(d_model, d_inner, dropout)
@@ -48,13 +49,14 @@ class CausalLM(nn.Module):
     `forward(inp, tgt=None, state=None, return_state=False)` returns `(out, new_state)` where `out` is the
     per-token negative log-likelihood `[B, L]` (float32, or float64 for a float64 model) when `tgt` is given,
     else scores `[B, L, V]`: the logits, or with the adaptive softmax the exact log-probabilities (which are
-    also valid logits: softmax returns the same distribution). `state` is a list with one entry per layer
-    (None for stateless mixers); the new list is returned when `return_state`, else None.
+    also valid logits: softmax returns the same distribution). `state` is an `LMState` (None: a new
+    sequence); the new one, `seen` advanced by L, is returned when `return_state`, else None.
+    `init_state(B)` is the empty state of a sequence to be decoded token by token (key/value caches included).
 
     Embedding: a tied `[V, d_model]` table, or adaptive input (`adaptive`, `cutoffs`, `div_val`), scaled by
     sqrt(d_model). Positions: absolute sinusoidal (`pos_emb`), never with a mixer that has
-    `relative_positions`. A mixer with a segment memory carries it as one tensor `[B, M, d_model]`; the
-    absolute positions of the current tokens then start at M (the first layer's memory length), so that a
+    `relative_positions`; the first token of a segment gets position `position_offset(state.seen)`: the
+    number of tokens seen, or with a segment memory the memory's length min(seen, mem_len), so that a
     segment with its memory sees what one pass over memory + segment would. The memory holds the mixer's
     input: with pre-LN the normalised block input (Transformer-XL keeps the raw one and normalises it with the
     current LayerNorm: the same at evaluation, and up to one LayerNorm update in training).
@@ -70,7 +72,7 @@ class CausalLM(nn.Module):
     def __init__(
         self,
         vocab_size: int,
-        make_mixer: Callable[[int], nn.Module],
+        make_mixer: Callable[[int], TokenMixer],
         *,
         n_layer: int,
         d_model: int,
@@ -97,7 +99,8 @@ class CausalLM(nn.Module):
         self.blocks = nn.ModuleList(
             Block(make_mixer(i), d_model, d_inner, dropout, pre_lnorm) for i in range(n_layer)
         )
-        if pos_emb and any(getattr(b.mixer, "relative_positions", False) for b in self.blocks):
+        self.mem_len = max(block.mixer.mem_len for block in self.blocks)
+        if pos_emb and any(block.mixer.relative_positions for block in self.blocks):
             raise ValueError("the token mixer uses relative positions: build the model with pos_emb=False")
         self.positions = SinusoidalPositions(d_model) if pos_emb else None
         # pre-LN leaves the residual stream unnormalised: normalise once before the softmax
@@ -115,12 +118,29 @@ class CausalLM(nn.Module):
     @property
     def has_memory(self) -> bool:
         """Whether a mixer keeps a segment memory (mem_len > 0), carried across segments like Transformer-XL."""
-        return any(getattr(block.mixer, "mem_len", 0) > 0 for block in self.blocks)
+        return self.mem_len > 0
+
+    @property
+    def state_grows(self) -> bool:
+        """Whether a mixer's state grows with the context (a key/value cache): never carried across segments."""
+        return any(block.mixer.state_grows for block in self.blocks)
 
     @property
     def carries_state(self) -> bool:
         """Whether training passes each layer's state to the next segment: carried fast weights or memory."""
         return self.carry_over or self.has_memory
+
+    def position_offset(self, seen: int) -> int:
+        """Absolute position of the next token after `seen` tokens: `seen`, or with a segment memory the
+        memory's length (positions count from the memory's start, as in Transformer-XL's recurrence)."""
+        return min(seen, self.mem_len) if self.has_memory else seen
+
+    def init_state(self, batch_size: int, device: torch.device | None = None) -> LMState:
+        """The empty state of `batch_size` sequences that will be continued token by token."""
+        param = next(self.parameters())
+        device = device if device is not None else param.device
+        layers = [b.mixer.init_state(batch_size, device=device, dtype=param.dtype) for b in self.blocks]
+        return LMState(layers, 0)
 
     def _init_weights(self, init_std: float, proj_init_std: float) -> None:
         """The seed's initialisation: N(0, init_std) weights, zero biases, LayerNorm gains N(1, init_std);
@@ -142,24 +162,23 @@ class CausalLM(nn.Module):
         self,
         inp: torch.Tensor,
         tgt: torch.Tensor | None = None,
-        state: list[Any] | None = None,
+        state: LMState | None = None,
         return_state: bool = False,
         last_only: bool = False,
-    ) -> tuple[torch.Tensor, list[Any] | None]:
+    ) -> tuple[torch.Tensor, LMState | None]:
         """`last_only`: run the output layer on the last position only (`tgt` is then `[B, 1]`); every
-        position is still context. Sliding-window evaluation uses it to skip scores it would discard."""
-        states = state if state is not None else [None] * len(self.blocks)
+        position is still context. Sliding-window evaluation and decoding use it to skip discarded scores."""
+        state = state if state is not None else LMState([None] * len(self.blocks), 0)
         h = self.embed(inp) * math.sqrt(self.d_model)
         if self.positions is not None:
-            offset = states[0].shape[1] if isinstance(states[0], torch.Tensor) else 0  # memory length
-            h = h + self.positions(inp.shape[1], offset).to(h.dtype)
+            h = h + self.positions(inp.shape[1], self.position_offset(state.seen)).to(h.dtype)
         h = self.drop(h)
-        new_states = []
-        for block, layer_state in zip(self.blocks, states, strict=True):
+        new_layers = []
+        for block, layer_state in zip(self.blocks, state.layers, strict=True):
             h, layer_state = block(h, layer_state, return_state)
-            new_states.append(layer_state)
+            new_layers.append(layer_state)
         h = self.final_norm(h[:, -1:] if last_only else h)
-        out_state = new_states if return_state else None
+        out_state = LMState(new_layers, state.seen + inp.shape[1]) if return_state else None
         if isinstance(self.output, AdaptiveLogSoftmax):
             if tgt is None:
                 return self.output.log_prob(h.flatten(0, 1)).view(*h.shape[:2], -1), out_state
@@ -171,16 +190,3 @@ class CausalLM(nn.Module):
         nll = F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), reduction="none")
         return nll.view_as(tgt), out_state
 
-
-def map_state(fn: Callable[[torch.Tensor], torch.Tensor], state: Any) -> Any:
-    """Apply `fn` to every tensor of a nested (list/tuple) carried state, keeping its structure."""
-    if isinstance(state, torch.Tensor):
-        return fn(state)
-    if isinstance(state, (list, tuple)):
-        return type(state)(map_state(fn, s) for s in state)
-    return state
-
-
-def detach_state(state: Any) -> Any:
-    """Detach a carried state, for truncated backprop across segments."""
-    return map_state(torch.Tensor.detach, state)

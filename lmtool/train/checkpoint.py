@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lmtool.data import Vocab
+
 FORMAT_VERSION = 1
 
 
@@ -66,3 +68,39 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def check_compatible(ckpt: dict, identity: dict, path: Path) -> None:
+    """Refuse a checkpoint trained with another vocabulary or an incompatible model config."""
+    vocab, want = ckpt.get("vocab", {}), identity["vocab"]
+    if vocab.get("fingerprint") != want["fingerprint"]:
+        raise CheckpointError(
+            f"checkpoint {path} was trained on another vocabulary ({vocab.get('dataset')}, "
+            f"{vocab.get('size')} symbols) than this run ({want['dataset']}, {want['size']} symbols)"
+        )
+    diff = _diff(ckpt.get("signature", {}), identity["signature"])
+    if diff:
+        raise CheckpointError(f"checkpoint {path} has an incompatible model config: {diff}")
+
+
+def _diff(old: dict, new: dict, prefix: str = "") -> str:
+    """The first key whose value differs. A key that only one side has is skipped: options added or
+    dropped by a later lmtool version (checkpoints keep loading; a changed shape still fails the load)."""
+    for key in sorted(set(old) & set(new)):
+        a, b = old[key], new[key]
+        if isinstance(a, dict) and isinstance(b, dict):
+            inner = _diff(a, b, f"{prefix}{key}.")
+            if inner:
+                return inner
+        elif a != b:
+            return f"{prefix}{key} is {a} in the checkpoint, {b} now"
+    return ""
+
+
+def vocab_record(vocab: Vocab, dataset: str, level: str) -> dict:
+    """What a checkpoint stores of its vocabulary: the fingerprint checked on resume and evaluation, and the
+    symbols themselves, so that generation can turn ids into text without the corpus."""
+    return {
+        "fingerprint": vocab.fingerprint, "size": len(vocab), "dataset": dataset, "level": level,
+        "symbols": vocab.symbols, "unk": vocab.unk,
+    }  # fmt: skip

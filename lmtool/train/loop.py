@@ -20,16 +20,19 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from lmtool.config import validate
 from lmtool.data import LMOrderedIterator, load_corpus
 from lmtool.models.build import build_model, model_signature
-from lmtool.models.lm import CausalLM, detach_state, map_state
+from lmtool.models.state import LMState, detach_state, map_state, merge_state, split_state
 from lmtool.train import distributed
 from lmtool.train.checkpoint import (
-    CheckpointError,
+    check_compatible,
     load_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
+    vocab_record,
 )
+from lmtool.train.device import autocast, resolve_device
 from lmtool.train.distributed import Topology
+from lmtool.train.evaluation import evaluate
 from lmtool.train.metrics import MetricsWriter, perplexity_fields
 from lmtool.train.optim import LRSchedule, build_optimizer
 
@@ -38,86 +41,6 @@ log = logging.getLogger("lmtool")
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu or auto")
-    return torch.device(name)
-
-
-def autocast(device: torch.device, precision: str):
-    """Mixed-precision context for the forward pass; fp32 runs without autocast."""
-    if precision == "fp32":
-        return nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def split_state(state: Any, n: int) -> list[Any]:
-    """Split a nested carried state along the batch dimension into n equal parts."""
-    if state is None:
-        return [None] * n
-    if isinstance(state, torch.Tensor):
-        return list(state.chunk(n, dim=0))
-    parts = [split_state(s, n) for s in state]
-    return [type(state)(p[i] for p in parts) for i in range(n)]
-
-
-def merge_state(states: list[Any]) -> Any:
-    """Inverse of split_state."""
-    first = states[0]
-    if first is None:
-        return None
-    if isinstance(first, torch.Tensor):
-        return torch.cat(states, dim=0)
-    return type(first)(merge_state([s[i] for s in states]) for i in range(len(first)))
-
-
-@torch.no_grad()
-def evaluate(
-    model: CausalLM,
-    data: torch.Tensor,
-    *,
-    batch_size: int,
-    tgt_len: int,
-    carry: bool,
-    device: torch.device,
-    precision: str = "fp32",
-    max_segments: int | None = None,
-    topology: Topology | None = None,
-) -> tuple[float, int]:
-    """Mean NLL (nats/token) over `data` in non-overlapping segments of `tgt_len` over `batch_size` streams.
-
-    carry=True passes each layer's state (fast weights, memory) from one segment to the next; otherwise every
-    segment starts from an empty state, except that a model with a segment memory (Transformer-XL, mem_len > 0)
-    always carries it, as Transformer-XL evaluates. Returns (loss, tokens scored).
-
-    With a distributed `topology` each rank scores its contiguous slice of the `batch_size` streams and the
-    NLL sums and token counts are all-reduced, so every rank returns the single-process result.
-    """
-    carry = carry or model.has_memory
-    was_training = model.training
-    model.eval()
-    total, count, state = 0.0, 0, None
-    split = topology is not None and topology.distributed
-    stream_range = topology.stream_range(batch_size) if split else None
-    iterator = LMOrderedIterator(data, batch_size, tgt_len, stream_range=stream_range)
-    for i, seg in enumerate(iterator):
-        if max_segments is not None and i >= max_segments:
-            break
-        with autocast(device, precision):
-            nll, new_state = model(seg.inp.to(device), seg.tgt.to(device), state if carry else None, carry)
-        state = new_state
-        total += nll.double().sum().item()
-        count += nll.numel()
-    model.train(was_training)
-    if split:
-        total, count = distributed.all_reduce_sum([total, count])
-        count = int(count)
-    return total / max(count, 1), count
 
 
 class Trainer:
@@ -173,9 +96,8 @@ class Trainer:
     # -- checkpoints -------------------------------------------------------------------------------
 
     def _identity(self) -> dict:
-        vocab = self.corpus.vocab
         return {
-            "vocab": {"fingerprint": vocab.fingerprint, "size": len(vocab), "dataset": self.corpus.name},
+            "vocab": vocab_record(self.corpus.vocab, self.corpus.name, self.corpus.level),
             "signature": model_signature(self.cfg),
         }
 
@@ -188,7 +110,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
             "data": self.train_iter.state_dict(),
-            "carried": self.carried,
+            "carried": None if self.carried is None else self.carried.to_payload(),
             "best_valid": self.best_valid,
             "wandb_run_id": self.writer.wandb_run_id,
             "config": OmegaConf.to_container(self.cfg, resolve=True),
@@ -202,8 +124,9 @@ class Trainer:
         if self.topology.distributed:
             # every rank's RNG state, and the carried states of the whole batch (rank order = stream order)
             gathered = distributed.all_gather((rng_state(), map_state(lambda t: t.cpu(), self.carried)))
+            carried = merge_state([carried for _, carried in gathered])
             extra = {"rng_per_rank": [rng for rng, _ in gathered],
-                     "carried": merge_state([carried for _, carried in gathered])}
+                     "carried": None if carried is None else carried.to_payload()}
         if self.is_main:
             last = self.ckpt_dir / "last.pt"
             save_checkpoint(last, {**self._payload(), **extra})
@@ -229,7 +152,7 @@ class Trainer:
         # another process count: rank 0's RNG for all, which keeps the ranks' RNGs identical
         set_rng_state(per_rank[self.topology.rank] if same_layout else ckpt["rng"])
         self.step, self.best_valid = ckpt["step"], ckpt["best_valid"]
-        carried = ckpt["carried"]
+        carried = LMState.from_payload(ckpt["carried"])
         if self.topology.distributed:  # the checkpoint holds the whole batch's state: take this rank's streams
             carried = split_state(carried, self.topology.world_size)[self.topology.rank]
         self.carried = map_state(lambda t: t.to(self.device), carried)
@@ -411,32 +334,6 @@ class Trainer:
             metric = self.corpus.metric
             log.info("final %s | loss %.4f | %s %.3f | %d tokens", split, loss, metric, record[metric], tokens)
         return results
-
-
-def check_compatible(ckpt: dict, identity: dict, path: Path) -> None:
-    """Refuse a checkpoint trained with another vocabulary or an incompatible model config."""
-    vocab, want = ckpt.get("vocab", {}), identity["vocab"]
-    if vocab.get("fingerprint") != want["fingerprint"]:
-        raise CheckpointError(
-            f"checkpoint {path} was trained on another vocabulary ({vocab.get('dataset')}, "
-            f"{vocab.get('size')} symbols) than this run ({want['dataset']}, {want['size']} symbols)"
-        )
-    if ckpt.get("signature") != identity["signature"]:
-        diff = _diff(ckpt.get("signature", {}), identity["signature"])
-        raise CheckpointError(f"checkpoint {path} has an incompatible model config: {diff}")
-
-
-def _diff(old: dict, new: dict, prefix: str = "") -> str:
-    keys = sorted(set(old) | set(new))
-    for key in keys:
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            inner = _diff(a, b, f"{prefix}{key}.")
-            if inner:
-                return inner
-        elif a != b:
-            return f"{prefix}{key} is {a} in the checkpoint, {b} now"
-    return ""
 
 
 def train(cfg: Any, run_dir: str | Path, topology: Topology | None = None) -> dict:

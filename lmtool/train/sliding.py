@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from lmtool.models.lm import CausalLM
+from lmtool.train.device import autocast
 
 
 @torch.no_grad()
@@ -28,8 +29,6 @@ def sliding_window_nll(
 
     `batch_size` windows go through the model at once; the result equals one window per pass (batch 1).
     """
-    from lmtool.train.loop import autocast
-
     was_training = model.training
     model.eval()
     inputs, targets = data[:-1].long().to(device), data[1:].long().to(device)

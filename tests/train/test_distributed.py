@@ -118,7 +118,7 @@ def test_torchrun_two_processes_match_one_and_resume_exactly(tmp_path):
     assert log.count("resumed from") == 1  # rank 0 alone writes train.log
     ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert ckpt["step"] == 4 and len(ckpt["rng_per_rank"]) == 2
-    assert all(s.shape[0] == 4 for s in ckpt["carried"][0] if s is not None)  # the whole batch's fast weights
+    assert all(s.shape[0] == 4 for s in ckpt["carried"]["layers"][0] if s is not None)  # the whole batch's fast weights
     expected, got = read_metrics(single), read_metrics(run_dir)
     assert [(r["step"], r["split"]) for r in got] == [(r["step"], r["split"]) for r in expected]
     for want, have in zip(expected, got, strict=True):
