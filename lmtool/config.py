@@ -129,6 +129,24 @@ class EvalConfig:
 
 
 @dataclass
+class GenerateConfig:
+    checkpoint: str = MISSING
+    prompt: str | None = None  # the text to continue (word level: space-separated words; a newline is <eos>)
+    prompt_file: str | None = None  # read the prompt from this file instead
+    max_new_tokens: int = 100
+    temperature: float = 1.0  # 0: greedy
+    top_k: int = 0  # keep the k most likely tokens; 0: all
+    top_p: float = 1.0  # keep the smallest set of most likely tokens with this total probability; 1: all
+    seed: int = 0
+    num_samples: int = 1
+    # None: the model's own context (its memory; the whole history if trained with carried state; else a
+    # window of its training length); 0: unbounded; N: a window of the last N tokens
+    max_context: int | None = None
+    cache: bool = True  # false: recompute every step from scratch (the reference, for checking)
+    device: str = "auto"
+
+
+@dataclass
 class PrepareConfig:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
 
@@ -261,4 +279,5 @@ def register_configs() -> None:
         cs.store(group="model", name=f"{family.name}_schema", node=family.schema)
     cs.store(name="base_eval", node=EvalConfig)
     cs.store(name="base_prepare", node=PrepareConfig)
+    cs.store(name="base_generate", node=GenerateConfig)
     cs.store(name="base_retrieval", node=RetrievalConfig)

@@ -1,0 +1,59 @@
+"""A trained checkpoint as a ready model: its config, the model with the weights, and its vocabulary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from lmtool.data import Vocab, load_corpus
+from lmtool.models.build import build_model
+from lmtool.models.lm import CausalLM
+from lmtool.train.checkpoint import CheckpointError, load_checkpoint
+from lmtool.train.device import resolve_device
+
+
+@dataclass
+class Pretrained:
+    """`model` (evaluation mode, on `device`), its `vocab`, the corpus `level` (word | char), the training
+    segment length `tgt_len`, the run's config `run_cfg` and the checkpoint's `step`."""
+
+    model: CausalLM
+    vocab: Vocab
+    level: str
+    tgt_len: int
+    run_cfg: Any
+    step: int
+
+
+def checkpoint_vocab(ckpt: dict, run_cfg: Any, path: Path) -> tuple[Vocab, str]:
+    """The vocabulary and corpus level of a checkpoint: stored in it, or (older checkpoints) from the corpus
+    cache of its dataset, checked against the stored fingerprint."""
+    record = ckpt.get("vocab", {})
+    if "symbols" in record:
+        return Vocab(record["symbols"], unk=record["unk"]), record["level"]
+    d = run_cfg.dataset
+    corpus = load_corpus(d.name, data_dir=d.data_dir, cache_dir=d.cache_dir, min_freq=d.min_freq, max_size=d.max_size)
+    if corpus.vocab.fingerprint != record.get("fingerprint"):
+        raise CheckpointError(f"checkpoint {path} does not match the vocabulary of dataset {d.name} on this machine")
+    return corpus.vocab, corpus.level
+
+
+def load_pretrained(path: str | Path, device: str | torch.device = "auto") -> Pretrained:
+    """Load `path` (an lmtool checkpoint) for inference; CheckpointError with one line if it cannot be used."""
+    path = Path(path)
+    ckpt = load_checkpoint(path)
+    run_cfg = OmegaConf.create(ckpt["config"])
+    vocab, level = checkpoint_vocab(ckpt, run_cfg, path)
+    device = resolve_device(device) if isinstance(device, str) else device
+    model = build_model(run_cfg, len(vocab))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise CheckpointError(f"checkpoint {path} does not fit the model its config builds ({first})") from None
+    t = run_cfg.trainer
+    return Pretrained(model.to(device).eval(), vocab, level, t.tgt_len, run_cfg, ckpt["step"])
