@@ -21,8 +21,8 @@ class UpdateRuleConfig:
     name: str = "delta"  # sum | delta
     impl: str = "auto"  # recurrent | chunk | cuda | auto
     qk_norm: str = "sum"  # sum (the paper's) | l2 (DeltaNet's) | none
-    attn_norm: bool = True  # divide the read-out by z_t . q_t (off = the seed's skip_attn_normalization)
-    normalized_retrieval: bool = False  # delta rule reads the old value with the normaliser (seed's 44-46)
+    attn_norm: bool = True  # divide the read-out by z_t . q_t (off = the original toolkit's skip_attn_normalization)
+    normalized_retrieval: bool = False  # delta rule reads the old value with the normaliser, as in the original toolkit
     eps: float = 1e-5
 
 

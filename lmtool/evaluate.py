@@ -23,7 +23,14 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from lmtool.config import ConfigError, register_configs, validate
+from lmtool.data import DatasetNotFoundError, load_corpus
+from lmtool.models.build import build_model
 from lmtool.models.registry import get_family
+from lmtool.train.checkpoint import CheckpointError, load_checkpoint, load_weights
+from lmtool.train.device import resolve_device
+from lmtool.train.evaluation import evaluate
+from lmtool.train.metrics import perplexity_fields
+from lmtool.train.sliding import sliding_window_nll
 
 register_configs()
 
@@ -59,14 +66,6 @@ def _check_options(cfg: Any) -> None:
 
 def evaluate_checkpoint(cfg: Any) -> dict:
     """Evaluate `cfg.checkpoint` on `cfg.split`; returns the result dict and writes it as JSON beside it."""
-    from lmtool.data import load_corpus
-    from lmtool.models.build import build_model
-    from lmtool.train.checkpoint import CheckpointError, load_checkpoint
-    from lmtool.train.device import resolve_device
-    from lmtool.train.evaluation import evaluate
-    from lmtool.train.metrics import perplexity_fields
-    from lmtool.train.sliding import sliding_window_nll
-
     _check_options(cfg)
     path = Path(cfg.checkpoint)
     ckpt = load_checkpoint(path)
@@ -77,7 +76,7 @@ def evaluate_checkpoint(cfg: Any) -> dict:
         raise CheckpointError(f"checkpoint {path} does not match the vocabulary of dataset {d.name} on this machine")
     device = resolve_device(cfg.device)
     model = build_model(run_cfg, len(corpus.vocab)).to(device)
-    model.load_state_dict(ckpt["model"])
+    load_weights(model, ckpt, path)
     tgt_len = cfg.tgt_len or run_cfg.trainer.eval_tgt_len or run_cfg.trainer.tgt_len
     data = getattr(corpus, cfg.split)
     start = time.perf_counter()
@@ -120,9 +119,6 @@ def format_result(result: dict) -> str:
 
 @hydra.main(config_path="pkg://lmtool.conf", config_name="eval", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
-    from lmtool.data import DatasetNotFoundError
-    from lmtool.train.checkpoint import CheckpointError
-
     try:
         result = evaluate_checkpoint(cfg)
     except (ConfigError, DatasetNotFoundError, CheckpointError) as err:

@@ -22,9 +22,10 @@ import torch
 from omegaconf import DictConfig
 
 from lmtool.config import ConfigError, register_configs, validate
-from lmtool.data import Vocab
+from lmtool.data import DatasetNotFoundError, Vocab
 from lmtool.data.vocab import DEFAULT_EOL
 from lmtool.models.generation import default_context, stream
+from lmtool.train.checkpoint import CheckpointError
 from lmtool.train.pretrained import Pretrained, load_pretrained
 
 __all__ = ["encode_prompt", "generate_text", "load_pretrained", "stream_text"]
@@ -152,9 +153,6 @@ def run(cfg: Any) -> None:
 
 @hydra.main(config_path="pkg://lmtool.conf", config_name="generate", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
-    from lmtool.data import DatasetNotFoundError
-    from lmtool.train.checkpoint import CheckpointError
-
     try:
         run(cfg)
     except (ConfigError, CheckpointError, DatasetNotFoundError) as err:

@@ -14,6 +14,8 @@ import hydra
 from omegaconf import DictConfig
 
 from lmtool.config import register_configs
+from lmtool.data import READERS, DatasetNotFoundError, default_data_dir, load_corpus
+from lmtool.data.download import SOURCES, PrepareError, fetch
 
 register_configs()
 
@@ -24,9 +26,6 @@ def prepare(d: Any, log: Callable[[str], None] = print) -> Any:
     ``d`` is the ``dataset`` config node. Returns the Corpus. Raises DatasetNotFoundError or
     PrepareError (DownloadError, ChecksumError) with a one-line message that says what to do.
     """
-    from lmtool.data import READERS, DatasetNotFoundError, default_data_dir, load_corpus
-    from lmtool.data.download import SOURCES, fetch
-
     if d.name not in READERS:
         raise ValueError(f"unknown dataset {d.name!r}; available: {', '.join(sorted(READERS))}")
     data_dir = d.data_dir if d.data_dir is not None else default_data_dir()
@@ -41,9 +40,6 @@ def prepare(d: Any, log: Callable[[str], None] = print) -> Any:
 
 @hydra.main(config_path="pkg://lmtool.conf", config_name="prepare", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
-    from lmtool.data import DatasetNotFoundError
-    from lmtool.data.download import PrepareError
-
     try:
         corpus = prepare(cfg.dataset)
     except (DatasetNotFoundError, PrepareError) as err:

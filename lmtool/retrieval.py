@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lmtool.config import ConfigError, RetrievalRunConfig, register_configs, validate
+from lmtool.models.retrieval import parse_memory
 from lmtool.train.retrieval import train_memory
 
 register_configs()
@@ -54,8 +56,6 @@ def run_config(cfg: Any) -> RetrievalRunConfig:
 
 def check_options(cfg: Any) -> None:
     """Refuse a bad sweep before any run starts, with a one-line ConfigError."""
-    from lmtool.models.retrieval import parse_memory
-
     validate(cfg)
     for memory in cfg.setting.memories:
         try:
@@ -93,8 +93,6 @@ def append_row(path: Path, row: dict) -> None:
 
 
 def _one_thread() -> None:
-    import torch
-
     torch.set_num_threads(1)
 
 
@@ -143,7 +141,7 @@ def _run_all(jobs: list, workers: int):
 def plot_losses(rows: list[dict], path: Path, setting: str, log_y: bool, memories=()) -> Path:
     """Best evaluation loss against the number of keys S, one line per memory (the paper's Figures 2 and 5),
     in the order of `memories`, then any other memory of the CSV."""
-    import matplotlib
+    import matplotlib  # only the figures need it, and importing it costs about a second
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -3,7 +3,7 @@
 The vocabulary, sorted by frequency, is split by `cutoffs` into clusters [0, c_1), [c_1, c_2), ..., [c_n, V).
 Cluster i has embedding width d_i = d_model // div_val**i. With div_val = 1 every cluster is a slice of one
 `[V, d_model]` table and there are no projections; with div_val > 1 each cluster has its own `[V_i, d_i]` table
-and a `[d_model, d_i]` projection (cluster 0 too, as in the Transformer-XL code that the seed builds on).
+and a `[d_model, d_i]` projection (cluster 0 too, as in the Transformer-XL code that the original toolkit builds on).
 """
 
 from __future__ import annotations

@@ -53,14 +53,14 @@ class FastWeightAttention(TokenMixer):
     only (it is passed to the op as its output scale), while the normaliser uses the unscaled phi_q. Folding
     the scale into phi_q instead would cancel in the ratio (up to eps) and change the model.
 
-    Normalised retrieval (`normalized_retrieval`, delta rule; the seed's attn_type 44-46): the value to be
+    Normalised retrieval (`normalized_retrieval`, delta rule, as in the original toolkit): the value to be
     replaced is read with the normaliser, v_bar_t = S_{t-1}^T phi_k_t / d_t, d_t = z_{t-1} . phi_k_t + eps,
     u_t = beta_t (v_t - v_bar_t). Since d_t depends on keys only, u_t = (beta_t / d_t)(d_t v_t - S^T phi_k_t),
     which is the plain delta op with beta' = beta / d and v' = d v. This form is well conditioned for
     non-negative feature maps: every k_j stored in S is also in z, so beta'_t (phi_k_t . phi_k_j) <= beta_t
     in the op's triangular solve, and the one large beta' (the first token from a zero state, d = eps)
-    multiplies S_0^T phi_k = 0, while beta' v' = beta v is formed from two well-rounded factors. (The seed
-    instead rescaled the write key, k' = k / d, beta' = beta d, which puts 1 / d into the solve.)
+    multiplies S_0^T phi_k = 0, while beta' v' = beta v is formed from two well-rounded factors. (The original
+    toolkit instead rescaled the write key, k' = k / d, beta' = beta d, which puts 1 / d into the solve.)
     z_{t-1} . phi_k_t is floored at 0 before adding eps, so d_t >= eps; it requires a non-negative map.
 
     State: `(S [B, H, d_dot, d_head], z [B, H, d_dot])`, float32 (float64 for float64 inputs); z is None

@@ -143,7 +143,7 @@ class CausalLM(nn.Module):
         return LMState(layers, 0)
 
     def _init_weights(self, init_std: float, proj_init_std: float) -> None:
-        """The seed's initialisation: N(0, init_std) weights, zero biases, LayerNorm gains N(1, init_std);
+        """The original toolkit's initialisation: N(0, init_std) weights, zero biases, LayerNorm gains N(1, init_std);
         modules with their own `init_parameters(init_std, proj_init_std)` (feature maps, adaptive
         embedding and softmax, relative biases) are delegated to."""
         for module in self.modules():

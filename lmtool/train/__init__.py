@@ -19,6 +19,9 @@ log = logging.getLogger("lmtool")
 @hydra.main(config_path="pkg://lmtool.conf", config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
     """One training job: in this process, a torchrun rank, or a task of a submitit (SLURM) job."""
+    # imported here, not at the top: this package's __init__ runs before any of its modules is imported
+    # (lmtool.train.checkpoint, say), and pulling the whole loop in at that point would make every such import
+    # load the trainer and risk import cycles through it
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 

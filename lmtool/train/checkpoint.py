@@ -97,6 +97,15 @@ def _diff(old: dict, new: dict, prefix: str = "") -> str:
     return ""
 
 
+def load_weights(model: torch.nn.Module, ckpt: dict, path: Path) -> None:
+    """Load the checkpoint's model weights, refusing (one line) weights that do not fit the model."""
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise CheckpointError(f"checkpoint {path} does not fit the model its config builds ({first})") from None
+
+
 def vocab_record(vocab: Vocab, dataset: str, level: str) -> dict:
     """What a checkpoint stores of its vocabulary: the fingerprint checked on resume and evaluation, and the
     symbols themselves, so that generation can turn ids into text without the corpus."""

@@ -65,7 +65,7 @@ def detect_topology(environ: dict[str, str] | None = None) -> Topology:
     """The process topology that the environment describes: submitit job, torchrun, or a single process."""
     env = os.environ if environ is None else environ
     if env.get("SUBMITIT_EXECUTOR"):
-        import submitit
+        import submitit  # only inside submitit jobs
 
         if environ is not None:  # submitit reads os.environ; a given mapping is for tests of the torchrun path
             raise ValueError("detect_topology(environ) cannot describe a submitit job; use os.environ")

@@ -25,6 +25,7 @@ from lmtool.train import distributed
 from lmtool.train.checkpoint import (
     check_compatible,
     load_checkpoint,
+    load_weights,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -142,7 +143,7 @@ class Trainer:
             return None
         ckpt = load_checkpoint(path)
         check_compatible(ckpt, self._identity(), path)
-        self.model.load_state_dict(ckpt["model"])
+        load_weights(self.model, ckpt, path)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.schedule.load_state_dict(ckpt["schedule"])
         self.scaler.load_state_dict(ckpt["scaler"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import secrets
 from pathlib import Path
 from typing import Any
@@ -34,9 +35,7 @@ class MetricsWriter:
             self._start_wandb(run_dir, cfg)
 
     def _start_wandb(self, run_dir: Path, cfg: Any) -> None:
-        import os
-
-        import wandb
+        import wandb  # only with logger=wandb: importing it costs seconds
 
         # never wait on a network that may not be there: no service start-up checks, no code upload
         os.environ.setdefault("WANDB_SILENT", "true")

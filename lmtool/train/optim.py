@@ -26,11 +26,11 @@ class LRSchedule:
     """Sets the learning rate of every param group before each step.
 
     lr(step) = base_lr * warmup(step) * shape(step), with warmup = step / warmup_steps until warmup ends:
-      cosine:   shape decays from 1 to eta_min / base_lr at max_steps (the seed's CosineAnnealingLR)
+      cosine:   shape decays from 1 to eta_min / base_lr at max_steps (the original toolkit's CosineAnnealingLR)
       inv_sqrt: shape = sqrt(warmup_steps / step) after warmup
       constant: shape = 1
       dev_perf: shape = decay_rate ** (number of evaluations that did not improve, beyond patience),
-                floored at min_lr (the seed's ReduceLROnPlateau on the dev loss)
+                floored at min_lr (the original toolkit's ReduceLROnPlateau on the dev loss)
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, cfg: Any, max_steps: int) -> None:

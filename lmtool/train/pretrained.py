@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from lmtool.data import Vocab, load_corpus
 from lmtool.models.build import build_model
 from lmtool.models.lm import CausalLM
-from lmtool.train.checkpoint import CheckpointError, load_checkpoint
+from lmtool.train.checkpoint import CheckpointError, load_checkpoint, load_weights
 from lmtool.train.device import resolve_device
 
 
@@ -50,10 +50,6 @@ def load_pretrained(path: str | Path, device: str | torch.device = "auto") -> Pr
     vocab, level = checkpoint_vocab(ckpt, run_cfg, path)
     device = resolve_device(device) if isinstance(device, str) else device
     model = build_model(run_cfg, len(vocab))
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[0]
-        raise CheckpointError(f"checkpoint {path} does not fit the model its config builds ({first})") from None
+    load_weights(model, ckpt, path)
     t = run_cfg.trainer
     return Pretrained(model.to(device).eval(), vocab, level, t.tgt_len, run_cfg, ckpt["step"])

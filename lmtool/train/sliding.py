@@ -1,6 +1,6 @@
 """Sliding-window evaluation: every token scored with a context window of exactly `tgt_len` tokens.
 
-As the seed's sliding-window evaluator for limited-context models: the first window scores all of its
+As the original toolkit's sliding-window evaluator for limited-context models: the first window scores all of its
 positions, every later window (shifted by one token) scores only its last position, so each target after
 the first window sees exactly `tgt_len` tokens of context and no state from earlier windows. Instead of one
 window per forward pass, `batch_size` windows are gathered into one batch, and for those windows the output

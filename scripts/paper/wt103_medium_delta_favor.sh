@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# WikiText-103, medium setting: delta update rule + FAVOR+ with m = 16 random features (the seed's attn_type 25).
+# WikiText-103, medium setting: delta update rule + FAVOR+ with m = 16 random features.
 # Trains conf/experiment/wt103_medium_delta_favor.yaml, then scores valid and test as the paper did (sliding
 # evaluation). Reproduces arXiv 2102.11174, WikiText-103 results, medium setting, row update "delta", attention
 # "Performer" (paper numbers: scripts/paper/README.md).

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# WikiText-103, small setting: delta update rule + DPFP with nu = 2 (the seed's attn_type 26).
+# WikiText-103, small setting: delta update rule + DPFP with nu = 1.
 # Trains conf/experiment/wt103_small_delta_dpfp.yaml, then scores valid and test as the paper did (sliding
 # evaluation). Reproduces arXiv 2102.11174, WikiText-103 results, small setting, row update "delta", attention
 # "DPFP" (paper numbers: scripts/paper/README.md).

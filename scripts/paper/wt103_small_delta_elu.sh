@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# WikiText-103, small setting: delta update rule + ELU+1 features (the seed's attn_type 24; the Delta Network).
+# WikiText-103, small setting: delta update rule + ELU+1 features (the Delta Network).
 # Trains conf/experiment/wt103_small_delta_elu.yaml, then scores valid and test as the paper did (sliding
 # evaluation). Reproduces arXiv 2102.11174, WikiText-103 results, small setting, row update "delta" (the paper's),
 # attention "Linear" (paper numbers: scripts/paper/README.md).

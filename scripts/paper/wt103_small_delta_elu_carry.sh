@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # WikiText-103, small setting: delta + ELU+1 with the fast weights carried across segments: no positional encoding,
-# no attention normalisation (the seed's attn_type 24 with --carry_over_fast_weight --no_pos).
+# no attention normalisation (the original toolkit's --carry_over_fast_weight --no_pos).
 # Trains conf/experiment/wt103_small_delta_elu_carry.yaml, then scores valid and test as the paper did (carry
 # evaluation). Reproduces arXiv 2102.11174, WikiText-103 results, small setting, row delta rule "without truncating
 # the context" (paper numbers: scripts/paper/README.md).

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# WikiText-103, small setting: Linear Transformer: sum update rule + ELU+1 features (the seed's attn_type 34).
+# WikiText-103, small setting: Linear Transformer: sum update rule + ELU+1 features.
 # Trains conf/experiment/wt103_small_linear_transformer.yaml, then scores valid and test as the paper did (sliding
 # evaluation). Reproduces arXiv 2102.11174, WikiText-103 results, small setting, row update "sum", attention
 # "Linear" (paper numbers: scripts/paper/README.md).

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# WikiText-103, small setting: softmax Transformer (the seed's attn_type 2).
+# WikiText-103, small setting: softmax Transformer.
 # Trains conf/experiment/wt103_small_transformer.yaml, then scores valid and test as the paper did (sliding
 # evaluation). Reproduces arXiv 2102.11174, WikiText-103 results, small setting, row "Transformer" (paper numbers:
 # scripts/paper/README.md).

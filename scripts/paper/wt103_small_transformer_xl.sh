@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# WikiText-103, small setting: Transformer-XL (the seed's attn_type 0): relative positions + segment memory.
+# WikiText-103, small setting: Transformer-XL: relative positions + segment memory.
 # Trains conf/experiment/wt103_small_transformer_xl.yaml, then scores valid and test as the paper did (segment
 # evaluation). Reproduces arXiv 2102.11174, WikiText-103 results, small setting, row "Transformer-XL" (paper
 # numbers: scripts/paper/README.md).

@@ -17,9 +17,10 @@ REPO = Path(lmtool.__file__).resolve().parent.parent
 WT103_VOCAB = 267_735  # types of WikiText-103 train incl. <eos>; the data itself is not needed
 
 # Parameters with that vocabulary, counted on the meta device (adaptive input and softmax, tied tables, no
-# projections with div_val 1). Fast weight models add the beta projection (n_head per layer; the seed's
-# qkvb_net), Transformer-XL the position projection r_net (d_model x n_head d_head per layer) and one shared
-# content/position bias pair. Small: 44.0M, medium: 89.8-89.9M (the paper's small and medium settings).
+# projections with div_val 1). Fast weight models add the beta projection (n_head per layer; the original
+# toolkit's qkvb_net), Transformer-XL the position projection r_net (d_model x n_head d_head per layer) and
+# one shared content/position bias pair. Small: 44.0M, medium: 89.8-89.9M (the paper's small and medium
+# settings).
 PARAMETERS = {
     "wt103_small_transformer": 44_018_394,
     "wt103_small_transformer_xl": 44_280_794,
@@ -75,8 +76,8 @@ def test_recipe_builds_the_paper_size(recipe):
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_recipe_follows_the_seed_settings(recipe):
-    """Sizes, context, batch, schedule and the model variant are the seed's for the recipe's setting."""
+def test_recipe_follows_the_original_settings(recipe):
+    """Sizes, context, batch, schedule and the model variant are the original toolkit's for the recipe's setting."""
     setting, model = setting_and_model(recipe)
     d_model, d_head, tgt_len, batch_size, max_steps = SETTINGS[setting]
     cfg = compose_config(f"experiment={recipe}")
@@ -86,7 +87,7 @@ def test_recipe_follows_the_seed_settings(recipe):
     assert m.adaptive and list(m.cutoffs) == [20000, 40000, 200000] and m.div_val == 1 and m.tie_weight
     assert (t.tgt_len, t.eval_tgt_len, t.batch_size, t.clip) == (tgt_len, tgt_len, batch_size, 0.25)
     assert (cfg.optimizer.name, cfg.optimizer.lr, cfg.scheduler.name) == ("adam", 2.5e-4, "cosine")
-    if recipe == "wt103_medium_transformer_xl":  # the seed's medium Transformer-XL script
+    if recipe == "wt103_medium_transformer_xl":  # the original toolkit's medium Transformer-XL script
         assert (t.max_steps, cfg.scheduler.warmup_steps) == (200_000, 1000)
     else:
         assert (t.max_steps, cfg.scheduler.warmup_steps) == (max_steps, 2000)
@@ -98,9 +99,9 @@ def test_recipe_follows_the_seed_settings(recipe):
         assert (cfg.update_rule.name, cfg.feature_map.name) == FAST_WEIGHTS[model]
         assert cfg.update_rule.attn_norm == (cfg.update_rule.name == "sum")  # delta: Table 3's best setting
         if cfg.feature_map.name == "favor":
-            assert cfg.feature_map.n_features == 16  # m, the seed's performer_proj_dim
+            assert cfg.feature_map.n_features == 16  # m, the original toolkit's performer_proj_dim
         if cfg.feature_map.name == "dpfp":
-            assert cfg.feature_map.nu == (1 if setting == "small" else 2)  # Table 5 / the seed's dpfp_n_roll
+            assert cfg.feature_map.nu == (1 if setting == "small" else 2)  # Table 5; original toolkit: dpfp_n_roll
 
 
 @pytest.mark.parametrize("recipe", RECIPES)

@@ -1,4 +1,5 @@
-"""Segment memory (Transformer-XL recurrence), adaptive softmax in the LM, and the seed's parameter count."""
+"""Segment memory (Transformer-XL recurrence), adaptive softmax in the LM, and the original toolkit's parameter
+count."""
 
 from __future__ import annotations
 
@@ -147,7 +148,7 @@ EXPECTED = {
 
 @pytest.mark.parametrize("name", EXPECTED)
 def test_parameter_count_of_the_wt103_small_setting(name):
-    """The seed's WikiText-103 small setting (adaptive softmax, div_val 1, tied) has 44.0M parameters."""
+    """The original toolkit's WikiText-103 small setting (adaptive softmax, div_val 1, tied) has 44.0M parameters."""
     cfg = compose_config(f"model={name}", *WT103_SMALL)
     with torch.device("meta"):
         model = build_model(cfg, WT103_VOCAB)
