@@ -117,3 +117,13 @@ def test_sliding_with_adaptive_softmax_and_memory_matches_batch_one():
     ref_loss, ref_count = one_window_at_a_time(model, data, 8)
     assert count == ref_count == 49
     assert loss == pytest.approx(ref_loss, rel=1e-10)
+
+
+def test_carry_mode_refuses_a_growing_key_value_cache():
+    """mode=carry on a softmax Transformer without memory would cache the whole split: refused in one line."""
+    from lmtool.train.evaluation import evaluate
+
+    model = build_model(compose_config("model=transformer", *SMOKE), 29)
+    with pytest.raises(ConfigError, match="key/value cache") as err:
+        evaluate(model, torch.arange(100) % 29, batch_size=2, tgt_len=8, carry=True, device=torch.device("cpu"))
+    assert "\n" not in str(err.value)
