@@ -9,7 +9,7 @@ fast-weight model (delta rule, ELU+1, carried state, no positions) carries its f
 the Transformer a key/value cache. For each context length T the prompt of T tokens is fed in chunks of 1,024
 tokens (through the cache); then `--steps` single tokens per case are timed one by one, in interleaved rounds
 over all cases; the table gives the median time per token, and the state's size (every tensor of the
-model's state after the prompt). Writes
+model's state at the end, decoded tokens included). Writes
 generation.csv and generation.png to --out.
 """
 
@@ -75,6 +75,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(10, 4))
     for name in MODELS:
@@ -85,6 +86,10 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax, label in ((ax_time, "median time per token (ms)"), (ax_mem, "state size (MB)")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        ax.set_xticks([r["context"] for r in rows if r["model"] == next(iter(MODELS))])
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_formatter(ScalarFormatter())
+            axis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
