@@ -22,6 +22,7 @@ from typing import Any
 
 import hydra
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from lmtool.config import ConfigError, RetrievalRunConfig, register_configs, validate
@@ -168,8 +169,6 @@ def plot_losses(rows: list[dict], path: Path, setting: str, log_y: bool, memorie
 
 @hydra.main(config_path="pkg://lmtool.conf", config_name="retrieval", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
-    from hydra.core.hydra_config import HydraConfig
-
     try:
         check_options(cfg)
     except ConfigError as err:

@@ -69,7 +69,7 @@ def build_extension(verbose: bool = False) -> ModuleType:
     missing = [s for s in SOURCES if not (KERNEL_DIR / s).is_file()]
     if missing:
         raise KernelsUnavailable(f"kernel sources {missing} not found in {KERNEL_DIR} (use a source checkout)")
-    from torch.utils import cpp_extension
+    from torch.utils import cpp_extension  # only where kernels can build: it imports setuptools and more
 
     if cpp_extension.CUDA_HOME is None:
         raise KernelsUnavailable("no CUDA toolkit (nvcc) found; install one or set CUDA_HOME")

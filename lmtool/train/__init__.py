@@ -54,7 +54,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     """Console script `lmtool-train` (also `python -m lmtool.train` and `torchrun -m lmtool.train`)."""
-    from lmtool.train import distributed
+    from lmtool.train import distributed  # inside, as in _hydra_main: this package's __init__ stays light
 
     if distributed.detect_topology().launcher == "torchrun":
         # before Hydra, so that rank 0 can share its run directory (distributed.SharedRunDir)

@@ -88,7 +88,7 @@ def init_distributed() -> Topology:
     topology = detect_topology()
     if topology.distributed and not dist.is_initialized():
         if topology.launcher == "submitit":
-            from submitit.helpers import TorchDistributedEnvironment
+            from submitit.helpers import TorchDistributedEnvironment  # only inside submitit jobs
 
             # every task of the job gets the same MASTER_ADDR (first node) and MASTER_PORT (from the job id);
             # GPUs are picked with set_device below, not by narrowing CUDA_VISIBLE_DEVICES
@@ -204,7 +204,7 @@ def requeue_signal() -> signal.Signals | None:
     """The signal submitit sends before a time limit or preemption (USR2 by default), inside a submitit job."""
     if not os.environ.get("SUBMITIT_EXECUTOR"):
         return None
-    from submitit import JobEnvironment
+    from submitit import JobEnvironment  # only inside submitit jobs
 
     return JobEnvironment._usr_sig()
 

@@ -167,7 +167,8 @@ def test_parameter_count_of_the_wt103_small_setting(name):
         ("model=transformer", "model.adaptive=true", "model.cutoffs=[20,10]"),
         ("model=transformer", "model.adaptive=true", "model.cutoffs=[10,20]", "model.div_val=64"),
     ],
-    ids=["xl-pos_emb", "same_length-no-mem", "transformer-carry_over", "cutoffs-not-adaptive", "cutoffs-order", "div_val-too-big"],
+    ids=["xl-pos_emb", "same_length-no-mem", "transformer-carry_over", "cutoffs-not-adaptive", "cutoffs-order",
+         "div_val-too-big"],
 )
 def test_incompatible_memory_and_adaptive_options_are_config_errors(overrides):
     """Options that cannot work together fail validation with a one-line message naming the key."""
