@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmtool.layers.mixer import ModelConfig, TokenMixer
+from lmtool.layers.mixer import ModelConfig, TokenMixer, check_layer_args
 
 
 @dataclass
@@ -85,6 +85,11 @@ class SoftmaxAttention(TokenMixer):
         same_length: bool = False,
     ) -> None:
         super().__init__()
+        check_layer_args(
+            "SoftmaxAttention", sizes={"d_model": d_model, "n_head": n_head, "d_head": d_head},
+            lengths={"mem_len": mem_len},
+            dropouts={"dropout": dropout, "dropatt": dropatt},
+        )
         if same_length and mem_len < 1:
             raise ValueError("same_length restricts attention to the last mem_len keys: it needs mem_len > 0")
         self.n_head, self.d_head, self.dropatt = n_head, d_head, dropatt

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from lmtool.layers.feature_maps import FEATURE_MAPS, make_feature_map
-from lmtool.layers.mixer import TokenMixer
+from lmtool.layers.mixer import TokenMixer, check_layer_args
 from lmtool.ops import available_impls, delta_rule, sum_rule
 
 UPDATE_RULES = ("sum", "delta")
@@ -87,13 +87,25 @@ class FastWeightAttention(TokenMixer):
         impl: str = "auto",
     ) -> None:
         super().__init__()
+        check_layer_args("FastWeightAttention", sizes={"d_model": d_model, "n_head": n_head, "d_head": d_head},
+                         dropouts={"dropout": dropout})  # fmt: skip
         if update_rule not in UPDATE_RULES:
             raise ValueError(f"unknown update rule {update_rule!r}; choose one of {UPDATE_RULES}")
         if qk_norm not in QK_NORMS:
             raise ValueError(f"unknown qk_norm {qk_norm!r}; choose one of {QK_NORMS}")
+        nonnegative = getattr(feature_map, "nonnegative", False)
+        if qk_norm == "sum" and not nonnegative:
+            raise ValueError(
+                "qk_norm='sum' divides by sum(phi), which a signed feature map can drive to zero (the sums "
+                "diverge): use qk_norm='l2' or 'none', or a non-negative map (elu, favor, dpfp, relu)"
+            )
+        if eps <= 0:
+            raise ValueError(f"eps must be positive (it floors the normalisers), got {eps}")
+        if impl not in ("auto", *available_impls("delta_rule")):
+            raise ValueError(f"unknown impl {impl!r}; choose one of auto, {', '.join(available_impls('delta_rule'))}")
         if normalized_retrieval and update_rule != "delta":
             raise ValueError("normalized_retrieval applies to the delta rule only; set update_rule=delta")
-        if normalized_retrieval and not getattr(feature_map, "nonnegative", False):
+        if normalized_retrieval and not nonnegative:
             raise ValueError(
                 "normalized_retrieval divides by z . phi(k) and needs a non-negative feature map "
                 "(elu, favor, dpfp, relu)"

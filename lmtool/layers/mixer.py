@@ -55,6 +55,22 @@ class ModelConfig:
     tie_projs: bool = True
 
 
+def check_layer_args(
+    layer: str, *, sizes: dict[str, int], lengths: dict[str, int] | None = None, dropouts: dict[str, float]
+) -> None:
+    """Refuse `sizes` below 1, `lengths` below 0 and `dropouts` outside [0, 1) with a ValueError naming the
+    layer and the argument, so that a layer built by hand fails as early as one built from a config."""
+    for name, value in sizes.items():
+        if value < 1:
+            raise ValueError(f"{layer}: {name} must be at least 1, got {value}")
+    for name, value in (lengths or {}).items():
+        if value < 0:
+            raise ValueError(f"{layer}: {name} must be at least 0, got {value}")
+    for name, value in dropouts.items():
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"{layer}: {name} must be in [0, 1), got {value}")
+
+
 class TokenMixer(nn.Module):
     """Base class of token mixers: `forward(x [B, L, d_model], state, return_state) -> (y [B, L, d_model], state)`.
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmtool.layers.attention import memory_attention_mask, update_memory
-from lmtool.layers.mixer import ModelConfig, TokenMixer
+from lmtool.layers.mixer import ModelConfig, TokenMixer, check_layer_args
 
 
 @dataclass
@@ -98,6 +98,11 @@ class RelativeAttention(TokenMixer):
         clamp_len: int = 0,
     ) -> None:
         super().__init__()
+        check_layer_args(
+            "RelativeAttention", sizes={"d_model": d_model, "n_head": n_head, "d_head": d_head},
+            lengths={"mem_len": mem_len, "clamp_len": clamp_len},
+            dropouts={"dropout": dropout, "dropatt": dropatt},
+        )
         if same_length and mem_len < 1:
             raise ValueError("same_length restricts attention to the last mem_len keys: it needs mem_len > 0")
         self.n_head, self.d_head, self.dropatt = n_head, d_head, dropatt

@@ -255,15 +255,22 @@ def test_no_z_without_normaliser():
         ({"update_rule": "hebb"}, "update rule"),
         ({"qk_norm": "max"}, "qk_norm"),
         ({"update_rule": "sum", "normalized_retrieval": True}, "delta rule only"),
-        ({"normalized_retrieval": True, "feature_map": make_feature_map("identity", D_HEAD)}, "non-negative"),
+        ({"normalized_retrieval": True, "qk_norm": "l2", "feature_map": make_feature_map("identity", D_HEAD)},
+         "non-negative"),
+        ({"qk_norm": "sum", "feature_map": make_feature_map("identity", D_HEAD)}, "signed feature map"),
+        ({"eps": 0.0}, "eps must be positive"),
+        ({"impl": "triton"}, "unknown impl"),
+        ({"n_head": 0}, "n_head must be at least 1"),
+        ({"dropout": 1.0}, "dropout must be in"),
     ],
-    ids=["bad-rule", "bad-qk_norm", "norm_retrieval-with-sum", "norm_retrieval-signed-map"],
+    ids=["bad-rule", "bad-qk_norm", "norm_retrieval-with-sum", "norm_retrieval-signed-map", "sum-norm-signed-map",
+         "eps", "impl", "n_head", "dropout"],
 )
 def test_bad_options_are_rejected(kwargs, match):
     """Unknown or incompatible options fail at construction with a message naming the problem."""
-    kwargs = {"feature_map": make_feature_map("elu", D_HEAD), **kwargs}
+    kwargs = {"feature_map": make_feature_map("elu", D_HEAD), "n_head": N_HEAD, "dropout": 0.0, **kwargs}
     with pytest.raises(ValueError, match=match):
-        FastWeightAttention(D_MODEL, N_HEAD, D_HEAD, 0.0, **kwargs)
+        FastWeightAttention(D_MODEL, d_head=D_HEAD, **kwargs)
 
 
 def test_state_without_z_is_rejected_when_needed():

@@ -140,3 +140,22 @@ def test_memory_equals_attending_over_the_concatenation(mixer):
     torch.testing.assert_close(new_memory, torch.cat([memory, x], 1)[:, -5:].detach())
     assert not new_memory.requires_grad
     assert layer(x, memory, return_state=False)[1] is None
+
+
+@pytest.mark.parametrize(
+    "layer,kwargs,match",
+    [
+        ("softmax", {"mem_len": -1}, "mem_len must be at least 0"),
+        ("softmax", {"dropatt": -0.1}, "dropatt must be in"),
+        ("relative", {"clamp_len": -2}, "clamp_len must be at least 0"),
+        ("relative", {"n_head": 0}, "n_head must be at least 1"),
+        ("relative", {"same_length": True}, "needs mem_len > 0"),
+    ],
+    ids=["softmax-mem_len", "softmax-dropatt", "xl-clamp_len", "xl-n_head", "xl-same_length"],
+)
+def test_bad_layer_arguments_fail_at_construction(layer, kwargs, match):
+    """Attention layers built by hand refuse bad sizes, lengths and rates with a message naming the argument."""
+    cls = SoftmaxAttention if layer == "softmax" else RelativeAttention
+    args = {"d_model": D_MODEL, "n_head": N_HEAD, "d_head": D_HEAD, "dropout": 0.0, "dropatt": 0.0, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        cls(**args)
