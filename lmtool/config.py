@@ -18,17 +18,19 @@ from lmtool.models.registry import FAMILIES, get_family
 
 @dataclass
 class UpdateRuleConfig:
-    name: str = "delta"  # sum | delta
+    name: str = "delta"  # sum | delta | delta_product
     impl: str = "auto"  # recurrent | chunk | cuda | auto
     qk_norm: str = "sum"  # sum (the paper's) | l2 (DeltaNet's) | none
     attn_norm: bool = True  # divide the read-out by z_t . q_t (off = the original toolkit's skip_attn_normalization)
     normalized_retrieval: bool = False  # delta rule reads the old value with the normaliser, as in the original toolkit
+    n_householder: int = 1  # delta_product: Householder (delta) steps per token (DeltaProduct, arXiv 2502.10297)
+    allow_neg_eigval: bool = False  # delta rules: beta in (0, 2), so I - beta k k^T may have eigenvalue -1
     eps: float = 1e-5
 
 
 @dataclass
 class FeatureMapConfig:
-    name: str = "elu"  # elu | favor | dpfp | identity | relu
+    name: str = "elu"  # elu | favor | dpfp | identity | relu | silu
     nu: int = 1  # dpfp: d_dot = 2 * nu * d_head
     n_features: int = 16  # favor: m random features, d_dot = 2 * m
     redraw: str = "every_forward"  # favor: every_forward | every_n | fixed

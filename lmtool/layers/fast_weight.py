@@ -9,17 +9,30 @@ The layer is configured by the `update_rule` and `feature_map` config groups (`b
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lmtool.layers.feature_maps import FEATURE_MAPS, make_feature_map
-from lmtool.layers.mixer import TokenMixer, check_layer_args
+from lmtool.layers.mixer import ModelConfig, TokenMixer, check_layer_args
+from lmtool.layers.modern import RMSNorm, ShortConvolution
 from lmtool.ops import available_impls, delta_rule, sum_rule
 
-UPDATE_RULES = ("sum", "delta")
+UPDATE_RULES = ("sum", "delta", "delta_product")
 QK_NORMS = ("sum", "l2", "none")
+
+
+@dataclass
+class FastWeightModelConfig(ModelConfig):
+    """`model=fwm`: the update rule and feature map come from their own config groups; these are the
+    layer's modern options (DeltaNet, arXiv 2406.06484), all off by default (the 2021 layer)."""
+
+    short_conv: int = 0  # kernel size of a causal depthwise convolution + SiLU on q, k, v; 0 = off
+    head_norm: bool = False  # RMSNorm of each head's read-out
+    output_gate: bool = False  # read-out times silu(W_g x)
 
 
 def normalize_features(phi: torch.Tensor, qk_norm: str, eps: float) -> torch.Tensor:
@@ -32,7 +45,9 @@ def normalize_features(phi: torch.Tensor, qk_norm: str, eps: float) -> torch.Ten
     return phi
 
 
-FastWeightState = tuple[torch.Tensor, torch.Tensor | None]
+# (S, z, convolution tail); z is None without a normaliser, the tail None without short_conv. Checkpoints
+# written before the convolution existed carry (S, z).
+FastWeightState = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
 
 
 class FastWeightAttention(TokenMixer):
@@ -85,6 +100,11 @@ class FastWeightAttention(TokenMixer):
         normalized_retrieval: bool = False,
         eps: float = 1e-5,
         impl: str = "auto",
+        n_householder: int = 1,
+        allow_neg_eigval: bool = False,
+        short_conv: int = 0,
+        head_norm: bool = False,
+        output_gate: bool = False,
     ) -> None:
         super().__init__()
         check_layer_args("FastWeightAttention", sizes={"d_model": d_model, "n_head": n_head, "d_head": d_head},
@@ -103,8 +123,17 @@ class FastWeightAttention(TokenMixer):
             raise ValueError(f"eps must be positive (it floors the normalisers), got {eps}")
         if impl not in ("auto", *available_impls("delta_rule")):
             raise ValueError(f"unknown impl {impl!r}; choose one of auto, {', '.join(available_impls('delta_rule'))}")
-        if normalized_retrieval and update_rule != "delta":
+        if normalized_retrieval and update_rule == "sum":
             raise ValueError("normalized_retrieval applies to the delta rule only; set update_rule=delta")
+        if n_householder < 1 or (n_householder > 1 and update_rule != "delta_product"):
+            raise ValueError(
+                f"n_householder={n_householder}: give n_householder >= 1, and more than 1 only with "
+                "update_rule='delta_product'"
+            )
+        if allow_neg_eigval and update_rule == "sum":
+            raise ValueError("allow_neg_eigval sets beta in (0, 2): it needs a delta rule (delta, delta_product)")
+        if short_conv < 0:
+            raise ValueError(f"short_conv is a kernel size (0 = off), got {short_conv}")
         if normalized_retrieval and not nonnegative:
             raise ValueError(
                 "normalized_retrieval divides by z . phi(k) and needs a non-negative feature map "
@@ -113,12 +142,18 @@ class FastWeightAttention(TokenMixer):
         self.n_head, self.d_head = n_head, d_head
         self.update_rule, self.qk_norm, self.attn_norm = update_rule, qk_norm, attn_norm
         self.normalized_retrieval, self.eps, self.impl = normalized_retrieval, eps, impl
+        self.n_householder, self.allow_neg_eigval = n_householder, allow_neg_eigval
         self.scale = d_head**-0.5
         self.feature_map = feature_map
         self.d_dot: int = feature_map.d_dot
-        self.qkv = nn.Linear(d_model, 3 * n_head * d_head, bias=False)
-        self.beta = nn.Linear(d_model, n_head, bias=False) if update_rule == "delta" else None
-        self.out = nn.Linear(n_head * d_head, d_model, bias=False)
+        width = n_head * d_head
+        # q, then n_householder keys and values per token (one of each for the sum and delta rules)
+        self.qkv = nn.Linear(d_model, (1 + 2 * n_householder) * width, bias=False)
+        self.beta = nn.Linear(d_model, n_householder * n_head, bias=False) if update_rule != "sum" else None
+        self.conv = ShortConvolution(self.qkv.out_features, short_conv) if short_conv > 0 else None
+        self.head_norm = RMSNorm(d_head) if head_norm else None
+        self.gate = nn.Linear(d_model, width, bias=False) if output_gate else None
+        self.out = nn.Linear(width, d_model, bias=False)
         self.drop = nn.Dropout(dropout)
 
     @property
@@ -130,14 +165,17 @@ class FastWeightAttention(TokenMixer):
         return (
             f"n_head={self.n_head}, d_head={self.d_head}, d_dot={self.d_dot}, "
             f"update_rule={self.update_rule}, qk_norm={self.qk_norm}, attn_norm={self.attn_norm}, "
-            f"normalized_retrieval={self.normalized_retrieval}, impl={self.impl}"
+            f"normalized_retrieval={self.normalized_retrieval}, impl={self.impl}, "
+            f"n_householder={self.n_householder}, allow_neg_eigval={self.allow_neg_eigval}"
         )
 
     def _normalize(self, phi: torch.Tensor) -> torch.Tensor:
         return normalize_features(phi, self.qk_norm, self.eps)
 
     def init_state(self, batch_size: int, *, device: torch.device, dtype: torch.dtype) -> Any:
-        return self._initial_state(None, batch_size, torch.promote_types(dtype, torch.float32), device)
+        S0, z0 = self._initial_state(None, batch_size, torch.promote_types(dtype, torch.float32), device)
+        tail = None if self.conv is None else self.conv.empty_tail(batch_size, device=device, dtype=dtype)
+        return S0, z0, tail
 
     def _initial_state(
         self, state: FastWeightState | None, B: int, dtype: torch.dtype, device: torch.device
@@ -146,7 +184,7 @@ class FastWeightAttention(TokenMixer):
             S0 = torch.zeros(B, self.n_head, self.d_dot, self.d_head, dtype=dtype, device=device)
             z0 = S0.new_zeros(B, self.n_head, self.d_dot) if self.carries_z else None
             return S0, z0
-        S0, z0 = state
+        S0, z0 = state[:2]
         if self.carries_z and z0 is None:
             raise ValueError(
                 "the carried fast weight state has no key sum z, which attn_norm/normalized_retrieval "
@@ -154,33 +192,64 @@ class FastWeightAttention(TokenMixer):
             )
         return S0.to(dtype), (z0.to(dtype) if self.carries_z else None)
 
+    def _project(self, x: torch.Tensor, state: FastWeightState | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The q/k/v projections `[B, L, (1 + 2 n_h) H D]`, through the short convolution if any, and its tail."""
+        proj = self.qkv(x)
+        if self.conv is None:
+            return proj, None
+        return self.conv(proj, state[2] if state is not None and len(state) > 2 else None)
+
+    def _substeps(self, proj: torch.Tensor, x: torch.Tensor, dtype: torch.dtype):
+        """q, k, v `[B, H, L n_h, D]` and beta `[B, H, L n_h]` over the sequence of sub-steps: token t's n_h
+        Householder steps are positions t n_h .. t n_h + n_h - 1 (n_h = 1: the tokens themselves)."""
+        B, L, _ = proj.shape
+        H, D, n = self.n_head, self.d_head, self.n_householder
+        q, k, v = proj.to(dtype).split([H * D, n * H * D, n * H * D], dim=-1)
+        q = q.view(B, L, H, D).transpose(1, 2)
+        k = k.view(B, L, n, H, D).permute(0, 3, 1, 2, 4).reshape(B, H, L * n, D)
+        v = v.view(B, L, n, H, D).permute(0, 3, 1, 2, 4).reshape(B, H, L * n, D)
+        beta = None
+        if self.beta is not None:
+            beta = torch.sigmoid(self.beta(x).to(dtype)).view(B, L, n, H).permute(0, 3, 1, 2).reshape(B, H, L * n)
+            beta = 2 * beta if self.allow_neg_eigval else beta  # eigenvalues of I - beta k k^T in (-1, 1]
+        return q, k, v, beta
+
+    def _read_at_last_substep(self, phi_q: torch.Tensor) -> torch.Tensor:
+        """phi_q `[B, H, L, d]` placed at each token's last sub-step, zeros at the others."""
+        n = self.n_householder
+        if n == 1:
+            return phi_q
+        B, H, L, d = phi_q.shape
+        placed = phi_q.new_zeros(B, H, L, n, d)
+        placed[:, :, :, -1] = phi_q
+        return placed.view(B, H, L * n, d)
+
     def forward(
         self, x: torch.Tensor, state: FastWeightState | None = None, return_state: bool = False
     ) -> tuple[torch.Tensor, FastWeightState | None]:
         B, L, _ = x.shape
-        H, D = self.n_head, self.d_head
-        q, k, v = self.qkv(x).view(B, L, 3, H, D).permute(2, 0, 3, 1, 4)  # each [B, H, L, D]
-        beta_logits = self.beta(x).transpose(1, 2) if self.beta is not None else None  # [B, H, L]
-        out_dtype = v.dtype
-        dtype = torch.promote_types(v.dtype, torch.float32)
+        H, D, n = self.n_head, self.d_head, self.n_householder
+        proj, tail = self._project(x, state)
+        out_dtype = proj.dtype
+        dtype = torch.promote_types(proj.dtype, torch.float32)
         # one token (decoding): a single step of the recurrence beats setting up a chunked solve
         impl = "recurrent" if L == 1 and self.impl == "auto" else self.impl
         with torch.autocast(x.device.type, enabled=False):
-            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+            q, k, v, beta = self._substeps(proj, x, dtype)
             # one call for q and k so that a random feature map uses one projection for both
-            phi_q, phi_k = self._normalize(self.feature_map(torch.stack([q, k]))).unbind(0)
+            phi_q, phi_k = self._normalize(self.feature_map(torch.cat([q, k], dim=2))).split([L, L * n], dim=2)
+            phi_q = self._read_at_last_substep(phi_q)
             S0, z0 = self._initial_state(state, B, dtype, x.device)
-            z = None if z0 is None else z0.unsqueeze(2) + torch.cumsum(phi_k, dim=2)  # z_t, [B, H, L, d_dot]
+            z = None if z0 is None else z0.unsqueeze(2) + torch.cumsum(phi_k, dim=2)  # z_t, [B, H, L n, d_dot]
             if self.update_rule == "sum":
                 o, S = sum_rule(
                     phi_q, phi_k, v, scale=self.scale, initial_state=S0,
                     output_final_state=return_state, impl=impl,
                 )  # fmt: skip
             else:
-                beta = torch.sigmoid(beta_logits.to(dtype))
                 if self.normalized_retrieval:
                     z_prev = torch.cat([z0.unsqueeze(2), z[:, :, :-1]], dim=2)  # z_{t-1}
-                    d = (z_prev * phi_k).sum(-1).clamp_min(0.0) + self.eps  # [B, H, L]
+                    d = (z_prev * phi_k).sum(-1).clamp_min(0.0) + self.eps  # [B, H, L n]
                     beta, v = beta / d, v * d.unsqueeze(-1)
                 o, S = delta_rule(
                     phi_q, phi_k, v, beta, scale=self.scale, initial_state=S0,
@@ -188,12 +257,17 @@ class FastWeightAttention(TokenMixer):
                 )  # fmt: skip
             if self.attn_norm:
                 o = o / ((z * phi_q).sum(-1, keepdim=True) + self.eps)
+            o = o.reshape(B, H, L, n, D)[:, :, :, -1]  # the read-out after each token's last sub-step
+            if self.head_norm is not None:
+                o = self.head_norm(o)
         o = o.transpose(1, 2).reshape(B, L, H * D).to(out_dtype)
+        if self.gate is not None:
+            o = o * F.silu(self.gate(x))
         y = self.drop(self.out(o))
         if not return_state:
             return y, None
         z_last = None if z0 is None else z0 + phi_k.sum(dim=2)
-        return y, (S, z_last)
+        return y, (S, z_last, tail)
 
 
 def validate_fast_weight_config(cfg: Any) -> str | None:
@@ -212,8 +286,14 @@ def validate_fast_weight_config(cfg: Any) -> str | None:
             "feature_map=identity can be negative, so update_rule.qk_norm=sum and normalized_retrieval divide "
             "by sums that may vanish: use update_rule.qk_norm=l2 (DeltaNet) or none"
         )
-    if rule.normalized_retrieval and rule.name != "delta":
-        return "update_rule.normalized_retrieval=true needs update_rule=delta"
+    if rule.normalized_retrieval and rule.name == "sum":
+        return "update_rule.normalized_retrieval=true needs a delta rule (update_rule=delta or delta_product)"
+    if rule.n_householder < 1 or (rule.n_householder > 1 and rule.name != "delta_product"):
+        return f"update_rule.n_householder={rule.n_householder}: at least 1, and more than 1 only for delta_product"
+    if rule.allow_neg_eigval and rule.name == "sum":
+        return "update_rule.allow_neg_eigval=true needs a delta rule (update_rule=delta or delta_product)"
+    if model.short_conv < 0:
+        return f"model.short_conv is a kernel size (0 = off), got {model.short_conv}"
     if model.carry_over and model.pos_emb:
         return (
             "model.carry_over=true needs model.pos_emb=false: absolute positions would grow without bound "
@@ -234,7 +314,8 @@ def build_fast_weight(cfg: Any) -> Callable[[int], TokenMixer]:
         return FastWeightAttention(
             m.d_model, m.n_head, m.d_head, m.dropout, update_rule=rule.name, feature_map=phi,
             qk_norm=rule.qk_norm, attn_norm=rule.attn_norm, normalized_retrieval=rule.normalized_retrieval,
-            eps=rule.eps, impl=rule.impl,
+            eps=rule.eps, impl=rule.impl, n_householder=rule.n_householder, allow_neg_eigval=rule.allow_neg_eigval,
+            short_conv=m.short_conv, head_norm=m.head_norm, output_gate=m.output_gate,
         )  # fmt: skip
 
     return make

@@ -44,6 +44,20 @@ class ReluFeatureMap(nn.Module):
         return F.relu(x)
 
 
+class SiluFeatureMap(nn.Module):
+    """phi(x) = silu(x) = x sigmoid(x) (DeltaNet's, arXiv 2406.06484; signed: use l2 or no normalisation);
+    d_dot = d_head."""
+
+    nonnegative = False
+
+    def __init__(self, d_head: int) -> None:
+        super().__init__()
+        self.d_dot = d_head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(x)
+
+
 class IdentityFeatureMap(nn.Module):
     """phi(x) = x (signed features: no attention normaliser guarantees); d_dot = d_head."""
 
@@ -184,7 +198,7 @@ class FavorFeatureMap(nn.Module):
         return torch.exp(logits) / math.sqrt(self.d_dot)
 
 
-FEATURE_MAPS = ("elu", "favor", "dpfp", "identity", "relu")
+FEATURE_MAPS = ("elu", "favor", "dpfp", "identity", "relu", "silu")
 
 
 def make_feature_map(
@@ -196,7 +210,7 @@ def make_feature_map(
     redraw: str = "every_forward",
     redraw_interval: int = 1000,
 ) -> nn.Module:
-    """Build the feature map `name` (elu | favor | dpfp | identity | relu) for heads of size `d_head`;
+    """Build the feature map `name` (elu | favor | dpfp | identity | relu | silu) for heads of size `d_head`;
     `nu` is for dpfp, `n_features`, `redraw`, `redraw_interval` for favor (ignored by the others)."""
     if name == "elu":
         return EluFeatureMap(d_head)
@@ -204,6 +218,8 @@ def make_feature_map(
         return ReluFeatureMap(d_head)
     if name == "identity":
         return IdentityFeatureMap(d_head)
+    if name == "silu":
+        return SiluFeatureMap(d_head)
     if name == "dpfp":
         return DPFPFeatureMap(d_head, nu)
     if name == "favor":

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lmtool.layers.attention import TransformerConfig, build_transformer
-from lmtool.layers.fast_weight import build_fast_weight, validate_fast_weight_config
+from lmtool.layers.fast_weight import FastWeightModelConfig, build_fast_weight, validate_fast_weight_config
 from lmtool.layers.mixer import ModelConfig, TokenMixer
 from lmtool.layers.relative_attention import TransformerXLConfig, build_transformer_xl, check_transformer_xl
 
@@ -57,5 +57,5 @@ MEMORY_KEYS = ("mem_len", "same_length", "clamp_len")
 register(ModelFamily("transformer", TransformerConfig, build_transformer, runtime_keys=MEMORY_KEYS))
 register(ModelFamily("transformer_xl", TransformerXLConfig, build_transformer_xl, runtime_keys=MEMORY_KEYS,
                      check=check_transformer_xl))  # fmt: skip
-register(ModelFamily("fwm", ModelConfig, build_fast_weight, ("update_rule", "feature_map"),
+register(ModelFamily("fwm", FastWeightModelConfig, build_fast_weight, ("update_rule", "feature_map"),
                      check=validate_fast_weight_config))  # fmt: skip

@@ -23,7 +23,7 @@ GROUPS = sorted(
 
 
 # options that need another value to make sense (identity features can be negative: no sum-normalisation)
-COMPANIONS = {("feature_map", "identity"): ("update_rule.qk_norm=l2",)}
+COMPANIONS = {("feature_map", name): ("update_rule.qk_norm=l2",) for name in ("identity", "silu")}
 
 
 def options(group: str) -> list[str]:

@@ -90,7 +90,7 @@ def reference(layer, x, state):
 def _loss(y, state, weights):
     """A scalar that reaches y and both parts of the final state."""
     wy, wS, wz = weights
-    S, z = state
+    S, z = state[:2]
     total = (y * wy).sum() + (S * wS).sum()
     return total + (z * wz).sum() if z is not None else total
 
@@ -149,7 +149,7 @@ def test_feature_maps_in_layer(fm, kwargs, normalized_retrieval):
     assert layer.d_dot == layer.feature_map.d_dot
     x = torch.randn(2, 5, D_MODEL, dtype=torch.float64)
     state = random_state(layer, 2)
-    y, (S, z) = layer(x, state, return_state=True)
+    y, (S, z, _) = layer(x, state, return_state=True)
     y_ref, (S_ref, z_ref) = reference(layer, x, state)
     torch.testing.assert_close(y, y_ref)
     torch.testing.assert_close(S, S_ref)
@@ -198,7 +198,7 @@ def test_recurrent_and_chunk_impls_agree(update_rule, normalized_retrieval):
     for impl in ("recurrent", "chunk"):
         layer = make_layer(update_rule, "sum", True, normalized_retrieval, impl=impl)
         state = random_state(layer, 1)
-        y, (S, z) = layer(x, state, return_state=True)
+        y, (S, z, _) = layer(x, state, return_state=True)
         (y.sum() + S.sum()).backward()
         results.append([y, S, z, *(p.grad for p in layer.parameters())])
     for a, b in zip(*results, strict=True):
@@ -209,7 +209,7 @@ def test_normalized_retrieval_float32_from_zero_state():
     """From a zero state (d = eps at the first token) the float32 layer tracks the float64 reference."""
     layer = make_layer("delta", "sum", True, True, dtype=torch.float32)
     x = torch.randn(2, 70, D_MODEL)
-    y, (S, z) = layer(x, return_state=True)
+    y, (S, z, _) = layer(x, return_state=True)
     (y.square().sum() + S.sum()).backward()
     grads = [p.grad.clone() for p in layer.parameters()]
     layer.zero_grad()
@@ -228,7 +228,7 @@ def test_bf16_autocast_forward_is_finite():
     layer.train()
     x = torch.randn(2, 6, D_MODEL)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y, (S, z) = layer(x, return_state=True)
+        y, (S, z, _) = layer(x, return_state=True)
     assert y.shape == x.shape and torch.isfinite(y).all()
     assert S.dtype == torch.float32 and z.dtype == torch.float32
     y.float().sum().backward()
@@ -245,7 +245,7 @@ def test_favor_draws_one_projection_per_forward():
 def test_no_z_without_normaliser():
     """With attn_norm off and plain retrieval the carried state holds no key sum."""
     layer = make_layer("delta", attn_norm=False)
-    _, (S, z) = layer(torch.randn(1, 3, D_MODEL, dtype=torch.float64), return_state=True)
+    _, (S, z, _) = layer(torch.randn(1, 3, D_MODEL, dtype=torch.float64), return_state=True)
     assert z is None and S.shape == (1, N_HEAD, layer.d_dot, D_HEAD)
 
 

@@ -32,6 +32,10 @@ FAST_WEIGHTS = {
     for fmap in ("elu", "favor", "dpfp")
 }
 CARRIED = ("model.carry_over=true", "model.pos_emb=false")
+# DeltaNet's layer (short convolution with SiLU, L2-normalised q/k, head RMSNorm, output gate), DeltaProduct
+DELTANET = ("feature_map=identity", "update_rule.qk_norm=l2", "model.short_conv=4", "model.head_norm=true",
+            "model.output_gate=true")  # fmt: skip
+PRODUCT = ("update_rule=delta_product", "feature_map=silu", "model.short_conv=3", "update_rule.allow_neg_eigval=true")
 
 # (overrides, context) pairs: every family with the contexts it defines
 CASES = {
@@ -39,6 +43,10 @@ CASES = {
     **{f"fwm-{name}-window": (o, Context("window", 8)) for name, o in FAST_WEIGHTS.items()},
     "fwm-positions-unbounded": (("update_rule=delta",), Context("unbounded")),
     "fwm-normalized-retrieval": (("update_rule.normalized_retrieval=true", *CARRIED), Context("unbounded")),
+    "fwm-deltanet-carried": (DELTANET + CARRIED, Context("unbounded")),
+    "fwm-deltanet-window": (DELTANET, Context("window", 8)),
+    "fwm-delta-product-carried": (PRODUCT + CARRIED, Context("unbounded")),
+    "fwm-delta-product-window": (PRODUCT, Context("window", 8)),
     "transformer-window": (("model=transformer",), Context("window", 8)),
     "transformer-unbounded": (("model=transformer",), Context("unbounded")),
     "transformer-memory": (("model=transformer", "model.mem_len=6"), Context("memory", 4)),
@@ -93,10 +101,10 @@ def test_fast_weight_state_has_a_fixed_size():
     decoder = CachedDecoder(model, Context("unbounded"), batch_size=1)
     with torch.no_grad():
         decoder.feed(torch.zeros(1, 1, dtype=torch.long))
-        shapes = [tuple(t.shape) for layer in decoder.state.layers for t in layer]
+        shapes = [tuple(t.shape) for layer in decoder.state.layers for t in layer if t is not None]
         for _ in range(50):
             decoder.feed(torch.ones(1, 1, dtype=torch.long))
-    assert [tuple(t.shape) for layer in decoder.state.layers for t in layer] == shapes
+    assert [tuple(t.shape) for layer in decoder.state.layers for t in layer if t is not None] == shapes
     assert decoder.state.seen == 51
 
 
