@@ -29,6 +29,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     from lmtool.train import distributed
     from lmtool.train.checkpoint import CheckpointError
     from lmtool.train.loop import TrainingDiverged, train
+    from lmtool.train.rundir import RunDirInUse
 
     hydra_cfg = HydraConfig.get()
     run_dir = hydra_cfg.runtime.output_dir
@@ -39,7 +40,7 @@ def _hydra_main(cfg: DictConfig) -> None:
         distributed.quiet_logging()
     try:
         results = train(cfg, run_dir, topology)
-    except (ConfigError, DatasetNotFoundError, CheckpointError, TrainingDiverged) as err:
+    except (ConfigError, DatasetNotFoundError, CheckpointError, TrainingDiverged, RunDirInUse) as err:
         log.error("error: %s", err)
         sys.exit(f"lmtool-train: {err}")
     finally:

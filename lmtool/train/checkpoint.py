@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 import random
-import tempfile
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import numpy as np
 import torch
 
 from lmtool.data import Vocab
+from lmtool.train.rundir import replaced
 
 FORMAT_VERSION = 1
 
@@ -21,17 +21,52 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message says which file and why."""
 
 
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (a full disk, a quota); the previous file is kept."""
+
+
+class _KeepWriteError:
+    """A file for torch.save that keeps the OSError of a failed write: torch reports it as a RuntimeError
+    ("unexpected pos ...") without the reason, and the reason (a full disk) is what a user must read."""
+
+    def __init__(self, f) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def save_checkpoint(path: Path, payload: dict) -> None:
-    """Write `payload` to `path` through a temporary file and a rename, so a crash never leaves half a file."""
+    """Write `payload` to `path` whole or not at all (a temporary file, synced to disk, renamed over `path`).
+
+    A crash or a failed write (OSError: no space left, file too large) leaves the previous `path` as it was.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save({"format_version": FORMAT_VERSION, **payload}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with replaced(path) as f:
+        sink = _KeepWriteError(f)
+        try:
+            torch.save({"format_version": FORMAT_VERSION, **payload}, sink)
+        except RuntimeError:
+            if sink.error is not None:
+                raise sink.error from None
+            raise
+
+
+def copy_checkpoint(source: Path, path: Path) -> None:
+    """Copy a checkpoint file to `path` whole or not at all, like `save_checkpoint`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with source.open("rb") as src, replaced(path) as dst:
+        shutil.copyfileobj(src, dst, 1 << 24)
+
+
+_LOAD_ERRORS = (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile)
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -41,12 +76,22 @@ def load_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    except _LOAD_ERRORS as err:
+        # the first sentence: torch goes on about what may have caused it
+        first_line = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"checkpoint {path} is corrupt or not an lmtool checkpoint ({first_line})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path} is not an lmtool checkpoint of format {FORMAT_VERSION}")
     return ckpt
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step a checkpoint file holds, read without loading its tensors (memory-mapped); None if unreadable."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except _LOAD_ERRORS:
+        return None
+    return ckpt.get("step") if isinstance(ckpt, dict) else None
 
 
 def rng_state() -> dict:

@@ -232,23 +232,32 @@ def refuse_multirun(argv: Sequence[str]) -> None:
 
 
 class SharedRunDir(Callback):
-    """Hydra callback: every rank of a torchrun job uses rank 0's run directory.
+    """Hydra callback: every rank of a torchrun job uses rank 0's run directory, which rank 0 locks.
 
     Each rank composes its own config, and `${now:...}` in `hydra.run.dir` resolves to the second that rank
     started in, so ranks could create different timestamped directories. Before Hydra creates the directory,
     rank 0 resolves it and broadcasts it (the process group is started in `main`, before Hydra); the other
-    ranks take it and skip writing `.hydra/`, which rank 0 writes.
+    ranks take it and skip writing `.hydra/`, which rank 0 writes. The directory is pinned in a single process
+    too, and locked (lmtool.train.rundir) before Hydra writes `.hydra/` and `train.log` into it: a launch in a
+    directory that a live run holds exits here, on every rank, with one line and without touching it. The run
+    keeps the lock until `train` returns (sweep jobs, which do not pass here, lock in `train`).
     """
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from lmtool.train import rundir  # it imports this module
+
         topology = current_topology()
-        if not topology.distributed:
-            return
-        run_dir = broadcast(str(config.hydra.run.dir) if topology.is_main else None)
+        run_dir = str(config.hydra.run.dir)
+        if topology.distributed:
+            run_dir = broadcast(run_dir if topology.is_main else None)
         with read_write(config.hydra), open_dict(config.hydra):
             config.hydra.run.dir = run_dir
             if not topology.is_main:
                 config.hydra.output_subdir = None
+        try:
+            rundir.acquire(run_dir, topology)
+        except rundir.RunDirInUse as err:
+            sys.exit(f"lmtool-train: {err}")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if detect_topology().launcher == "torchrun":

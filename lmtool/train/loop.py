@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import signal
 import threading
 import time
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +21,13 @@ from lmtool.config import validate
 from lmtool.data import LMOrderedIterator, load_corpus
 from lmtool.models.build import build_model, model_signature
 from lmtool.models.state import LMState, detach_state, map_state, merge_state, split_state
-from lmtool.train import distributed
+from lmtool.train import distributed, rundir
 from lmtool.train.checkpoint import (
+    CheckpointError,
+    CheckpointWriteError,
     check_compatible,
+    checkpoint_step,
+    copy_checkpoint,
     load_checkpoint,
     load_weights,
     rng_state,
@@ -52,7 +56,7 @@ class Trainer:
     (trainer.batch_size is the global batch); carried states stay per rank. Every rank is seeded alike, so
     FAVOR+ redraws from the global RNG agree. Rank 0 alone writes the run directory and the wandb run; the
     checkpoint holds every rank's RNG state and the carried states of the whole batch, so all ranks resume
-    from the same last.pt exactly.
+    from the same last.pt exactly. A Trainer does not lock `run_dir`: `train` does (lmtool.train.rundir).
     """
 
     def __init__(self, cfg: Any, run_dir: Path, topology: Topology | None = None) -> None:
@@ -82,9 +86,13 @@ class Trainer:
             self.corpus.train, self.t.batch_size, self.t.tgt_len, varlen=self.t.varlen, seed=cfg.seed,
             stream_range=self.topology.stream_range(self.t.batch_size),
         )
-        self.step, self.best_valid, self.carried = 0, math.inf, None
+        self.step, self.best_valid, self.best_step, self.carried = 0, math.inf, None, None
+        self.window_loss, self.window_steps = 0.0, 0  # training loss summed since the last train row
+        self.saved_step, self.resumed_from = None, None
+        self.phase = None  # what runs now besides training steps: "validation", "final evaluation"
         self.stop_requested, self.stop_signals = False, []
         wandb_id = self._maybe_resume()
+        self._on_main(self._tidy_run_dir)  # before any rank reads best.pt
         self.ddp = self.model  # what the training forward calls: the DDP wrapper under several processes
         if self.topology.distributed:
             device_ids = [self.device] if self.device.type == "cuda" else None
@@ -92,7 +100,7 @@ class Trainer:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             OmegaConf.save(cfg, self.run_dir / "resolved_config.yaml", resolve=True)
-        self.writer = MetricsWriter(self.run_dir, cfg, wandb_id, enabled=self.is_main)
+        self.writer = MetricsWriter(self.run_dir, cfg, wandb_id, enabled=self.is_main, resume_step=self.step)
 
     # -- checkpoints -------------------------------------------------------------------------------
 
@@ -113,6 +121,8 @@ class Trainer:
             "data": self.train_iter.state_dict(),
             "carried": None if self.carried is None else self.carried.to_payload(),
             "best_valid": self.best_valid,
+            "best_step": self.best_step,
+            "train_window": {"loss": self.window_loss, "steps": self.window_steps},
             "wandb_run_id": self.writer.wandb_run_id,
             "config": OmegaConf.to_container(self.cfg, resolve=True),
             "metric": self.corpus.metric,
@@ -120,7 +130,12 @@ class Trainer:
         }
 
     def save(self, best: bool = False) -> None:
-        """Write last.pt (and best.pt) on rank 0; every rank calls it, and returns once the file is there."""
+        """Write last.pt (and best.pt) on rank 0; every rank calls it, and returns once the file is there.
+
+        last.pt goes first and names the step best.pt holds, so that a crash between the two writes is repaired
+        on resume (`_tidy_run_dir`). A write that fails (a full disk) keeps the previous file and raises
+        CheckpointWriteError on every rank.
+        """
         extra = {}
         if self.topology.distributed:
             # every rank's RNG state, and the carried states of the whole batch (rank order = stream order)
@@ -128,20 +143,49 @@ class Trainer:
             carried = merge_state([carried for _, carried in gathered])
             extra = {"rng_per_rank": [rng for rng, _ in gathered],
                      "carried": None if carried is None else carried.to_payload()}
+
+        def write() -> None:
+            last = path = self.ckpt_dir / "last.pt"
+            try:
+                save_checkpoint(last, {**self._payload(), **extra})
+                if best:
+                    path = self.ckpt_dir / "best.pt"
+                    copy_checkpoint(last, path)
+            except OSError as err:
+                kept = f"the previous {path.name} is kept"
+                if path != last:
+                    kept += f", last.pt of step {self.step} is saved"
+                raise CheckpointWriteError(f"could not write checkpoint {path} ({err.strerror or err}); {kept}: make "
+                                           f"room and launch again in {self.run_dir} to resume") from None
+
+        self._on_main(write)
+        self.saved_step = self.step
+
+    def _on_main(self, work: Callable[[], None]) -> None:
+        """`work()` on rank 0 while the other ranks wait; a CheckpointWriteError it raises is raised on all."""
+        error = None
         if self.is_main:
-            last = self.ckpt_dir / "last.pt"
-            save_checkpoint(last, {**self._payload(), **extra})
-            if best:
-                tmp = self.ckpt_dir / "best.pt.tmp"
-                shutil.copyfile(last, tmp)
-                tmp.replace(self.ckpt_dir / "best.pt")
-        distributed.barrier()
+            try:
+                work()
+            except CheckpointWriteError as err:
+                error = str(err)
+        if self.topology.distributed:
+            error = distributed.broadcast(error)
+        if error is not None:
+            raise CheckpointWriteError(error)
 
     def _maybe_resume(self) -> str | None:
         path = Path(self.t.resume) if self.t.resume else self.ckpt_dir / "last.pt"
         if not self.t.resume and not path.exists():
             return None
-        ckpt = load_checkpoint(path)
+        try:
+            ckpt = load_checkpoint(path)
+        except CheckpointError as err:
+            if self.t.resume:
+                raise
+            best = self.ckpt_dir / "best.pt"
+            way_out = f", or continue from the best checkpoint with trainer.resume={best}" if best.is_file() else ""
+            raise CheckpointError(f"{err}; delete it to start this run from scratch{way_out}") from None
         check_compatible(ckpt, self._identity(), path)
         load_weights(self.model, ckpt, path)
         self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -152,13 +196,37 @@ class Trainer:
         same_layout = per_rank is not None and len(per_rank) == self.topology.world_size
         # another process count: rank 0's RNG for all, which keeps the ranks' RNGs identical
         set_rng_state(per_rank[self.topology.rank] if same_layout else ckpt["rng"])
-        self.step, self.best_valid = ckpt["step"], ckpt["best_valid"]
+        self.step, self.best_valid, self.best_step = ckpt["step"], ckpt["best_valid"], ckpt.get("best_step")
+        window = ckpt.get("train_window") or {}  # a stop between two train rows: the next row covers the window
+        self.window_loss, self.window_steps = window.get("loss", 0.0), window.get("steps", 0)
+        self.saved_step, self.resumed_from = self.step, path
         carried = LMState.from_payload(ckpt["carried"])
         if self.topology.distributed:  # the checkpoint holds the whole batch's state: take this rank's streams
             carried = split_state(carried, self.topology.world_size)[self.topology.rank]
         self.carried = map_state(lambda t: t.to(self.device), carried)
         log.info("resumed from %s at step %d", path, self.step)
         return ckpt.get("wandb_run_id")
+
+    def _tidy_run_dir(self) -> None:
+        """Rank 0, before training: clear what a crash left behind.
+
+        Temporary files of interrupted writes (checkpoints, metrics.jsonl) go. If the checkpoint resumed from
+        holds the best weights (its step is `best_step`) but best.pt holds another step, the crash came between
+        the last.pt and best.pt writes of that step: best.pt is copied again, as the interrupted save would have.
+        """
+        for directory in (self.ckpt_dir, self.run_dir):
+            for name in rundir.remove_temporaries(directory):
+                log.info("removed %s, a write cut short", directory / name)
+        source, best = self.resumed_from, self.ckpt_dir / "best.pt"
+        if source is None or self.best_step != self.step or source.resolve() == best.resolve():
+            return
+        if checkpoint_step(best) != self.step:
+            try:
+                copy_checkpoint(source, best)
+            except OSError as err:
+                raise CheckpointWriteError(f"could not write checkpoint {best} ({err.strerror or err}): make room "
+                                           f"and launch again in {self.run_dir}") from None
+            log.info("best.pt of step %d copied again from %s (a crash cut its write short)", self.step, source)
 
     # -- training ----------------------------------------------------------------------------------
 
@@ -221,7 +289,13 @@ class Trainer:
         if signum == signal.SIGINT and signum in self.stop_signals and self.topology.launcher == "single":
             raise KeyboardInterrupt
         if not self.stop_signals:
-            log.warning("signal %d received: finishing step %d, then saving and stopping", signum, self.step + 1)
+            if self.phase == "validation":
+                log.warning("signal %d received during the validation at step %d: finishing it, then saving and "
+                            "stopping", signum, self.step)
+            elif self.phase is not None:
+                log.warning("signal %d received during the %s: finishing it", signum, self.phase)
+            else:
+                log.warning("signal %d received: finishing step %d, then saving and stopping", signum, self.step + 1)
         self.stop_signals.append(signum)
         self.stop_requested = True
 
@@ -274,17 +348,18 @@ class Trainer:
         t, metric = self.t, self.corpus.metric
         bar = tqdm(total=t.max_steps, initial=self.step, disable=not (t.progress and self.is_main), desc="train",
                    dynamic_ncols=True)
-        window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+        window_tokens, window_start = 0, time.perf_counter()  # throughput: of this process's steps only
         segments = self.train_iter.iter_train()
         while self.step < t.max_steps:
             if self._stop_agreed():
-                self.save()
+                if self.saved_step != self.step:  # a signal during validation: that step is saved already
+                    self.save()
                 log.warning("stopped at step %d; launch again in %s to resume", self.step, self.run_dir)
                 bar.close()
                 return False
             seg = next(segments)
-            window_loss += self.train_step(seg)
-            window_steps += 1
+            self.window_loss += self.train_step(seg)
+            self.window_steps += 1
             window_tokens += seg.tgt.numel() * self.topology.world_size
             bar.update(1)
             if self.step % t.log_interval == 0 or self.step == t.max_steps:
@@ -292,8 +367,8 @@ class Trainer:
                 record = {
                     "step": self.step,
                     "split": "train",
-                    "loss": window_loss / window_steps,
-                    **perplexity_fields(window_loss / window_steps, metric),
+                    "loss": self.window_loss / self.window_steps,
+                    **perplexity_fields(self.window_loss / self.window_steps, metric),
                     "lr": self.optimizer.param_groups[0]["lr"],
                     "tokens_per_s": window_tokens / max(elapsed, 1e-9),
                 }
@@ -303,17 +378,31 @@ class Trainer:
                     lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}",
                 )
                 log.debug("step %d %s", self.step, record)
-                window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+                self.window_loss, self.window_steps = 0.0, 0
+                window_tokens, window_start = 0, time.perf_counter()
             if self.step % t.eval_interval == 0 or self.step == t.max_steps:
                 self._periodic_eval()
         bar.close()
         return True
 
+    @contextmanager
+    def _during(self, phase: str) -> Iterator[None]:
+        """Mark what runs besides training steps, for the message of a stop signal."""
+        self.phase = phase
+        try:
+            yield
+        finally:
+            self.phase = None
+
     def _periodic_eval(self) -> None:
-        loss, _ = self.evaluate_split("valid", self.t.eval_max_segments)
+        """Validate, then save last.pt (and best.pt): a stop signal meanwhile waits for both."""
+        with self._during("validation"):
+            loss, _ = self.evaluate_split("valid", self.t.eval_max_segments)
         self.schedule.on_eval(loss)
         improved = loss < self.best_valid
         self.best_valid = min(self.best_valid, loss)
+        if improved:
+            self.best_step = self.step
         record = {"step": self.step, "split": "valid", "loss": loss, **perplexity_fields(loss, self.corpus.metric)}
         self.writer.write(record)
         metric = self.corpus.metric
@@ -327,7 +416,8 @@ class Trainer:
             self.model.load_state_dict(load_checkpoint(best)["model"])
         results = {"step": self.step}
         for split in ("valid", "test"):
-            loss, tokens = self.evaluate_split(split)
+            with self._during("final evaluation"):
+                loss, tokens = self.evaluate_split(split)
             record = {"step": self.step, "split": split, "loss": loss, "tokens": tokens,
                       **perplexity_fields(loss, self.corpus.metric), "final": True}
             self.writer.write(record)
@@ -338,5 +428,10 @@ class Trainer:
 
 
 def train(cfg: Any, run_dir: str | Path, topology: Topology | None = None) -> dict:
-    """Train (or resume) the run described by `cfg` in `run_dir`; returns the final metrics."""
-    return Trainer(cfg, Path(run_dir), topology).fit()
+    """Train (or resume) the run described by `cfg` in `run_dir`; returns the final metrics.
+
+    Holds the run directory's lock throughout (taken here, or kept from `lmtool-train`'s start): a directory
+    in use by a live run raises RunDirInUse on every rank before any work.
+    """
+    with rundir.locked(run_dir, topology):
+        return Trainer(cfg, Path(run_dir), topology).fit()

@@ -3,26 +3,33 @@
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from lmtool.train.metrics import read_history
+from lmtool.train.rundir import replaced
+
 
 def job_summary(job_dir: Path) -> dict[str, Any]:
-    """Overrides, last step, training time and final (or last) valid/test metrics of one run directory."""
+    """Overrides, last step, and the final (or else the last) valid/test metrics of one run directory.
+
+    The rows come from one history (`read_history`): a job that was interrupted and resumed shows the values of
+    the history that continued, not a mix with the attempt it replaced.
+    """
     overrides_file = job_dir / ".hydra" / "overrides.yaml"
     overrides = OmegaConf.load(overrides_file) if overrides_file.exists() else []
     row: dict[str, Any] = {"job": job_dir.name, "overrides": " ".join(overrides)}
-    metrics = job_dir / "metrics.jsonl"
-    records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
-    for record in records:
+    final_seen: set[str] = set()
+    for record in read_history(job_dir / "metrics.jsonl"):
         split = record["split"]
         if split == "train":
             row["step"] = record["step"]
-        elif split in ("valid", "test") and (record.get("final") or f"{split}_loss" not in row):
+        elif split in ("valid", "test") and (record.get("final") or split not in final_seen):
+            if record.get("final"):
+                final_seen.add(split)
             row[f"{split}_loss"] = round(record["loss"], 4)
             for metric in ("ppl", "bpc"):
                 if metric in record:
@@ -31,17 +38,21 @@ def job_summary(job_dir: Path) -> dict[str, Any]:
 
 
 def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
-    """Write summary.csv and summary.md into `sweep_dir`, one row per job directory, and return the rows."""
+    """Write summary.csv and summary.md into `sweep_dir`, one row per job directory, and return the rows.
+
+    Each file is replaced whole, so a reader never sees half a table.
+    """
     jobs = sorted((p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir()), key=lambda p: p.name.zfill(8))
     rows = [job_summary(p) for p in jobs]
     columns = list(dict.fromkeys(key for row in rows for key in row))
-    with (sweep_dir / "summary.csv").open("w", newline="") as f:
+    with replaced(sweep_dir / "summary.csv", binary=False) as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
-    (sweep_dir / "summary.md").write_text("\n".join(lines) + "\n")
+    with replaced(sweep_dir / "summary.md", binary=False) as f:
+        f.write("\n".join(lines) + "\n")
     return rows
 
 

@@ -110,8 +110,9 @@ def interrupt_after(trainer: Trainer, n_steps: int) -> None:
     ids=["transformer-varlen", "fwm-carry-favor"],
 )
 def test_interrupted_run_resumes_exactly(tmp_path, overrides):
-    """Ctrl-C at step 3 saves a checkpoint; relaunching in the same directory gives bitwise the same losses."""
-    cfg = compose_config(*QUICK, *overrides, "trainer.max_steps=7", "trainer.log_interval=1",
+    """Ctrl-C at step 3 saves a checkpoint; relaunching in the same directory gives bitwise the same losses,
+    the train row of step 4 included (its window, steps 3 and 4, spans the interruption)."""
+    cfg = compose_config(*QUICK, *overrides, "trainer.max_steps=7", "trainer.log_interval=2",
                          "trainer.eval_interval=5", "model.dropout=0.2")
     Trainer(cfg, tmp_path / "straight").fit()
     interrupted = Trainer(cfg, tmp_path / "resumed")
