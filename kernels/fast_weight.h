@@ -61,7 +61,8 @@ struct BackwardArgs {
   const float* resid = nullptr;   // delta rule only
   const void* dout = nullptr;
   Strides sq, sk, sv, sbeta, sdout;
-  const float* final_state = nullptr;   // S after the last token (from the forward)
+  const float* initial_state = nullptr;  // nullable: zeros (the forward's, to recompute S after a NaN or inf)
+  const float* final_state = nullptr;    // S after the last token (from the forward)
   const float* d_final_state = nullptr;  // nullable: zeros
   const float* ckpt = nullptr;           // nullable when L <= C
   int ckpt_every = 64;

@@ -12,6 +12,13 @@
 // the whole sequence; instead S is reloaded from the forward's checkpoint after every C-th token, so it runs
 // over at most C - 1 tokens.
 //
+// A NaN or inf breaks the reverse reconstruction: if token t brought one, S_t - k_t u_t^T is not finite where
+// the forward's S_{t-1} was. So a thread whose S, k_t or u_t holds a non-finite value checks its S_{t-1}: an
+// entry that is not finite now but was finite at the last state the forward stored before token t (checkpoint
+// or initial state) makes the thread recompute S_{t-1} forward from that state, exactly as the forward did.
+// Entries that were already non-finite there stay non-finite through the block, so they need nothing. This
+// keeps a later token's NaN or inf out of the gradients of earlier tokens; finite inputs never take the branch.
+//
 // dq_t, dk_t and dbeta_t are sums over all columns: first over the column groups of a warp (a transposing
 // shuffle reduction), then over the block's warps through shared memory, flushed every `flush` tokens between
 // two barriers at the top level of the loop (never inside a branch), and finally over the column tiles by
@@ -96,6 +103,63 @@ __global__ void __launch_bounds__(kBwdMaxWarps * 32)
   const float* gL = a.d_final_state ? a.d_final_state + static_cast<int64_t>(bh) * Dk * Dv : nullptr;
   load_tile<false, R>(sL, Dk, Dv, r, j0, S);
   load_tile<false, R>(gL, Dk, Dv, r, j0, G);
+  bool s_bad = any_nonfinite(S);  // S may hold a NaN or inf: check the reverse steps (see the top)
+
+  // Called after the reverse step of token t (S = S_t - k_t u_t^T) when S_t, k_t or u_t held a non-finite value:
+  // makes S the forward's S_{t-1} where that subtraction spoiled it, and returns whether S_{t-1} holds a
+  // non-finite value. Per thread, without shuffles or barriers, so it may diverge. (Token t's own dk and dbeta
+  // do not need the repaired S: wherever token t brought the NaN or inf, they are not finite anyway.)
+  auto repair = [&](int t) -> bool {
+    const int m = t / C;  // the forward stored S_{mC-1}: checkpoint m - 1, or the initial state for m = 0
+    const float* base = m > 0 ? ckpt + static_cast<int64_t>(m - 1) * Dv * Dk
+                              : (a.initial_state ? a.initial_state + static_cast<int64_t>(bh) * Dk * Dv : nullptr);
+    // Which entries are not finite (a bit each), then the base's value of those only: a loop that is not
+    // unrolled, so that this rarely taken branch adds little code and few registers to the scan.
+    static_assert(NR * NC <= 32, "one bit per entry of the tile");
+    unsigned nonfinite = 0;
+#pragma unroll
+    for (int i = 0; i < NR; ++i) {
+#pragma unroll
+      for (int n = 0; n < NC; ++n) nonfinite |= static_cast<unsigned>(!isfinite(S[i][n])) << (i * NC + n);
+    }
+    bool redo = false;  // some entry is not finite now but was at the base: the forward's S_{t-1} may be finite
+#pragma unroll 1
+    for (int e = 0; e < NR * NC && !redo; ++e) {
+      if ((nonfinite >> e & 1u) == 0) continue;
+      const int i = e / NC, col = j0 + e % NC, row = 4 * (r + (i / 4) * R) + i % 4;
+      const int64_t at = m > 0 ? static_cast<int64_t>(col) * Dk + row : static_cast<int64_t>(row) * Dv + col;
+      redo = base == nullptr || row >= Dk || col >= Dv || isfinite(base[at]);
+    }
+    if (!redo) return nonfinite != 0;  // all were non-finite at the base already, and stay so through the block
+    if (m > 0) {
+      load_tile<true, R>(base, Dk, Dv, r, j0, S);
+    } else {
+      load_tile<false, R>(base, Dk, Dv, r, j0, S);
+    }
+    for (int tt = m * C; tt < t; ++tt) {  // the forward's steps: S += k u^T with u = beta r (delta) or v (sum)
+      float uu[NC];
+      if constexpr (DELTA) {
+        load_cols<NC>(resid + static_cast<int64_t>(tt) * Dv, Dv, j0, true, uu);
+        const float b = beta[tt * a.sbeta.t];
+#pragma unroll
+        for (int n = 0; n < NC; ++n) uu[n] = b * uu[n];
+      } else {
+        load_cols<NC>(v + tt * a.sv.t, Dv, j0, true, uu);
+      }
+      const T* kt = k + tt * a.sk.t;
+#pragma unroll
+      for (int mm = 0; mm < NR / 4; ++mm) {  // four rows at a time keeps few values in registers
+        const int i0 = 4 * (r + mm * R);
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const float kk = i0 + c < Dk ? to_float(kt[i0 + c]) : 0.0f;
+#pragma unroll
+          for (int n = 0; n < NC; ++n) S[4 * mm + c][n] = fmaf(kk, uu[n], S[4 * mm + c][n]);
+        }
+      }
+    }
+    return any_nonfinite(S);
+  };
 
   // Step s processes token t = L - 1 - s.
   auto load = [&](BwdStep<NR>& x, int s) {
@@ -129,6 +193,7 @@ __global__ void __launch_bounds__(kBwdMaxWarps * 32)
           if (ckpt != nullptr && (t + 1) % C == 0 && t + 1 < L) {  // S_t exactly as the forward had it
             const float* src = ckpt + static_cast<int64_t>((t + 1) / C - 1) * Dv * Dk;
             load_tile<true, R>(src, Dk, Dv, r, j0, S);
+            s_bad = any_nonfinite(S);
           }
 
           float sdo[NC], u[NC], du[NC];
@@ -138,6 +203,7 @@ __global__ void __launch_bounds__(kBwdMaxWarps * 32)
             u[n] = DELTA ? x.beta * x.x[n] : x.x[n];
             du[n] = 0.0f;
           }
+          const bool recheck = s_bad || any_nonfinite(x.k) || any_nonfinite(u);
           float vals[V];  // [dq rows (NR), dk rows (NR)] of this lane, summed over its NC columns
 #pragma unroll
           for (int i = 0; i < NR; ++i) {
@@ -190,6 +256,7 @@ __global__ void __launch_bounds__(kBwdMaxWarps * 32)
             dbeta = across_groups_sum<R>(dbeta);
             if (lane == 0) red_beta[warp * flush + slot] = dbeta;
           }
+          if (recheck) s_bad = repair(t);
         }
         load(buf[p], s + P);
       }

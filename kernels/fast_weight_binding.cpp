@@ -134,8 +134,10 @@ std::vector<at::Tensor> forward(const at::Tensor& q_in, const at::Tensor& k_in, 
 
 // Returns [dq, dk, dv, dbeta, d_initial_state]: dq, dk, dbeta float32 (summed over column tiles), dv in the
 // inputs' dtype, dbeta empty for the sum rule. `x` is the residual r (delta rule) or v (sum rule).
+// `initial_state` is the forward's (None: zeros); the backward recomputes S from it after a NaN or inf.
 std::vector<at::Tensor> backward(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& x_in,
                                  const std::optional<at::Tensor>& beta_in, const at::Tensor& dout_in,
+                                 const std::optional<at::Tensor>& initial_state,
                                  const at::Tensor& final_state_in, const std::optional<at::Tensor>& d_final_state,
                                  const at::Tensor& ckpt, double scale, int64_t ckpt_every, bool debug_poison,
                                  int64_t stream) {
@@ -172,6 +174,12 @@ std::vector<at::Tensor> backward(const at::Tensor& q_in, const at::Tensor& k_in,
     x = rows_contiguous(x_in);
     a.v = x.data_ptr();
     a.sv = strides_of(x);
+  }
+  at::Tensor s0;
+  if (initial_state.has_value() && initial_state->defined()) {
+    s0 = float_state(initial_state, "initial_state", q);
+    TORCH_CHECK(s0.sizes() == at::IntArrayRef({B, H, Dk, Dv}), "initial_state must be [B, H, Dk, Dv]");
+    a.initial_state = s0.data_ptr<float>();
   }
   at::Tensor dsL;
   if (d_final_state.has_value() && d_final_state->defined()) {
@@ -215,7 +223,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("initial_state"), py::arg("scale"), py::arg("ckpt_every"), py::arg("save"), py::arg("poison"),
         py::arg("stream"));
   m.def("backward", &backward, "reverse-scan backward", py::arg("q"), py::arg("k"), py::arg("x"), py::arg("beta"),
-        py::arg("dout"), py::arg("final_state"), py::arg("d_final_state"), py::arg("ckpt"), py::arg("scale"),
+        py::arg("dout"), py::arg("initial_state"), py::arg("final_state"), py::arg("d_final_state"), py::arg("ckpt"),
+        py::arg("scale"),
         py::arg("ckpt_every"), py::arg("poison"), py::arg("stream"));
   m.def("backward_tiles", &lmtool_fw::backward_tiles, "column tiles of the backward's partial sums");
   m.attr("max_dk") = lmtool_fw::kMaxDk;

@@ -95,6 +95,22 @@ __device__ __forceinline__ void store_tile(float* __restrict__ p, int Dk, int Dv
   }
 }
 
+// Whether any of the values is NaN or inf.
+template <int N>
+__device__ __forceinline__ bool any_nonfinite(const float (&x)[N]) {
+  bool bad = false;
+#pragma unroll
+  for (int i = 0; i < N; ++i) bad |= !isfinite(x[i]);
+  return bad;
+}
+template <int N, int M>
+__device__ __forceinline__ bool any_nonfinite(const float (&x)[N][M]) {
+  bool bad = false;
+#pragma unroll
+  for (int i = 0; i < N; ++i) bad |= any_nonfinite(x[i]);
+  return bad;
+}
+
 // num_checkpoints() of fast_weight.h, for device code.
 __host__ __device__ __forceinline__ int checkpoint_count(int L, int C) { return L > 0 ? (L - 1) / C : 0; }
 

@@ -49,3 +49,58 @@ def addmm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, beta: float =
     a3, b3 = a.reshape(-1, m, a.shape[-1]), b.reshape(-1, b.shape[-2], n)
     out.view(-1, m, n).baddbmm_(a3, b3, beta=beta, alpha=alpha)
     return out
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether every element of ``x`` is finite, from one sum (a pass over ``x`` without a mask tensor).
+
+    A NaN or inf element makes the sum non-finite. A sum that overflows although every element is finite
+    answers False too; callers only use the answer to choose their slower path that isolates non-finite
+    tokens, which is exact for finite inputs as well.
+    """
+    return bool(torch.isfinite(x.sum()))
+
+
+def tri_matmul(a: torch.Tensor, y: torch.Tensor, *, upper: bool = False, strict: bool = False) -> torch.Tensor:
+    """``a @ y`` over the token dimension for a triangular ``a`` without letting ``y``'s non-finite rows leak.
+
+    ``a`` is ``[..., C, C]`` and zero (written, not multiplied) outside its lower triangle (``upper=False``)
+    or upper triangle, diagonal included unless ``strict``; ``y`` is ``[..., C, D]``. A plain matmul
+    multiplies those zeros by every row of ``y``, and ``0 * nan = nan`` would carry one non-finite token to
+    rows that do not depend on it. Here the non-finite entries of ``y`` are multiplied as zeros, and then
+    every entry that does depend on one (same column, a row inside the triangle) is set to NaN. Non-finite
+    entries of ``a`` inside its triangle propagate through the product as usual.
+    """
+    bad = ~torch.isfinite(y)
+    if not bad.any():
+        return torch.matmul(a, y)
+    out = torch.matmul(a, y.masked_fill(bad, 0))
+    # reach[r, j]: some bad y[s, j] with s <= r (lower) or s >= r (upper), s != r when strict.
+    reach = bad.flip(-2).cumsum(-2).flip(-2) if upper else bad.cumsum(-2)
+    if strict:
+        shifted = torch.zeros_like(reach)
+        if upper:
+            shifted[..., :-1, :] = reach[..., 1:, :]
+        else:
+            shifted[..., 1:, :] = reach[..., :-1, :]
+        reach = shifted
+    return out.masked_fill_(reach > 0, float("nan"))
+
+
+def unit_lower_inverse(a: torch.Tensor) -> torch.Tensor:
+    """``(I + a)^-1`` for a strictly lower triangular ``a`` ``[..., C, C]`` whose non-finite entries stay put.
+
+    Entry ``(r, c)`` of the inverse depends exactly on the entries ``a[r', c']`` with ``c <= c' < r' <= r``.
+    The triangular solve runs on ``a`` with its non-finite entries zeroed (a solver may multiply them by the
+    zeros above the diagonal), and the entries that depend on one are set to NaN afterwards.
+    """
+    C = a.shape[-1]
+    eye = torch.eye(C, dtype=a.dtype, device=a.device).expand_as(a)
+    bad = ~torch.isfinite(a)
+    if not bad.any():
+        return torch.linalg.solve_triangular(a, eye, upper=False, unitriangular=True)
+    x = torch.linalg.solve_triangular(a.masked_fill(bad, 0), eye, upper=False, unitriangular=True)
+    # A bad a[r', c'] reaches every (r, c) with r >= r' and c <= c': a suffix count over columns, then a
+    # prefix count over rows.
+    reach = bad.flip(-1).cumsum(-1).flip(-1).cumsum(-2)
+    return x.masked_fill_(reach > 0, float("nan"))

@@ -8,8 +8,11 @@ GPU's architecture with ``torch.utils.cpp_extension.load`` (ninja) and cached un
 
 The backward recomputes the states instead of storing one per token: it runs the recurrence in reverse from
 the final state (``S_{t-1} = S_t - k_t u_t^T``) and reloads ``S`` from a checkpoint the forward stored every
-``checkpoint_every`` tokens (default 64), which bounds the float32 error of the reconstruction. The forms
-take ``checkpoint_every`` as an extra keyword.
+``checkpoint_every`` tokens (default 64), which bounds the float32 error of the reconstruction. Where a NaN or
+inf spoils that subtraction, it recomputes S forward from the last checkpoint (or the initial state, which the
+wrapper saves for it), so a non-finite token affects no gradient that the recurrent form keeps finite. The
+forms take ``checkpoint_every`` as an extra keyword. Shapes with nothing to scan (B, H, L, Dk or Dv = 0) run the
+chunk form without building anything.
 
 Fallbacks (a missing toolchain or GPU never crashes a run):
 - CPU tensors: "cuda" is registered for CUDA devices only, so ``impl="auto"`` picks "chunk" there and
@@ -179,8 +182,8 @@ class _FastWeightScan(torch.autograd.Function):
     def forward(ctx, q, k, v, beta, s0, scale: float, C: int, save: bool, ext):
         poison = _poison()
         o, S, resid, ckpt = ext.forward(q, k, v, beta, s0, scale, C, save, poison, _stream(q.device))
-        if save:
-            ctx.save_for_backward(q, k, resid if beta is not None else v, beta, S, ckpt)
+        if save:  # s0: after a NaN or inf the backward may recompute S forward from it
+            ctx.save_for_backward(q, k, resid if beta is not None else v, beta, s0, S, ckpt)
         ctx.meta = (scale, C, poison, ext, None if s0 is None else s0.dtype)
         ctx.set_materialize_grads(False)
         return o, S
@@ -188,11 +191,13 @@ class _FastWeightScan(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, do, dS):
-        q, k, x, beta, S, ckpt = ctx.saved_tensors
+        q, k, x, beta, s0, S, ckpt = ctx.saved_tensors
         scale, C, poison, ext, s0_dtype = ctx.meta
         do = q.new_zeros(*q.shape[:3], x.shape[-1]) if do is None else do.to(q.dtype)
         with _on(q.device):
-            dq, dk, dv, dbeta, ds0 = ext.backward(q, k, x, beta, do, S, dS, ckpt, scale, C, poison, _stream(q.device))
+            dq, dk, dv, dbeta, ds0 = ext.backward(
+                q, k, x, beta, do, s0, S, dS, ckpt, scale, C, poison, _stream(q.device)
+            )
         return (
             dq.to(q.dtype),
             dk.to(k.dtype),

@@ -144,10 +144,21 @@ def initial_state_or_zeros(
 
 
 def empty_sequence(
-    q: torch.Tensor, v: torch.Tensor, initial_state: torch.Tensor | None, output_final_state: bool
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor | None,
+    initial_state: torch.Tensor | None,
+    output_final_state: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Result for L = 0: no output tokens and the initial state (zeros if None) as the final state."""
-    o = q.new_empty(*q.shape[:3], v.shape[-1])
+    # o has no elements: adding the inputs into it only puts them in the autograd graph, so that their
+    # gradients are tensors (empty, or zeros for the initial state) as for L > 0 rather than missing.
+    o = v.to(q.dtype) + q.sum(-1, keepdim=True) + k.to(q.dtype).sum(-1, keepdim=True)
+    if beta is not None:
+        o = o + beta.to(q.dtype).unsqueeze(-1)
+    if initial_state is not None:
+        o = o + initial_state.to(q.dtype).sum(-2, keepdim=True)
     if not output_final_state:
         return o, None
     # + 0: a fresh tensor (never the caller's initial_state itself) that still carries the gradient

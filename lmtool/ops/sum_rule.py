@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from lmtool.ops.chunking import addmm_, from_chunks, mT, to_chunks
+from lmtool.ops.chunking import addmm_, all_finite, from_chunks, mT, to_chunks, tri_matmul
 from lmtool.ops.registry import (
     check_inputs,
     compute_dtype,
@@ -58,7 +58,7 @@ def sum_rule(
     check_inputs(OP, q, k, v, None, initial_state)
     fn = resolve_impl(OP, impl, q.device)
     if q.shape[2] == 0:
-        return empty_sequence(q, v, initial_state, output_final_state)
+        return empty_sequence(q, k, v, None, initial_state, output_final_state)
     return fn(q, k, v, scale=scale, initial_state=initial_state, output_final_state=output_final_state)
 
 
@@ -72,6 +72,8 @@ def sum_rule_recurrent(
     output_final_state: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Reference form of :func:`sum_rule`: one step per token, exactly the equations (autograd backward)."""
+    if q.shape[2] == 0:
+        return empty_sequence(q, k, v, None, initial_state, output_final_state)
     dtype = compute_dtype(q, k, v, initial_state)
     S = initial_state_or_zeros(q, v, initial_state, dtype)
     outs = []
@@ -101,12 +103,22 @@ def sum_rule_chunk(
     """
     if chunk_size < 1:
         raise ValueError(f"{OP}: chunk_size must be a positive integer, got {chunk_size}")
+    if 0 in (q.shape[2], q.shape[3], v.shape[3]):
+        # No tokens, or a state without rows or columns (Dk = 0 or Dv = 0): nothing to chunk, and the step loop
+        # (the spec) only carries an empty state. B = 0 or H = 0 takes the chunk path, with no sequence to run.
+        return sum_rule_recurrent(
+            q, k, v, scale=scale, initial_state=initial_state, output_final_state=output_final_state
+        )
     o, S = _SumRuleChunk.apply(q, k, v, initial_state, float(scale), int(chunk_size))
     return o, (S if output_final_state else None)
 
 
 class _SumRuleChunk(torch.autograd.Function):
-    """Saves q, k, v (views of the inputs when possible) and the N chunk-start states, nothing per token."""
+    """Saves q, k, v (views of the inputs when possible) and the N chunk-start states, nothing per token.
+
+    Finite inputs take the fast path; when the output shows a non-finite value, the isolating one (as in
+    ``delta_rule``): every NaN or inf reaches exactly the outputs and gradients that depend on it.
+    """
 
     @staticmethod
     def forward(ctx, q, k, v, s0, scale: float, C: int):
@@ -126,10 +138,16 @@ class _SumRuleChunk(torch.autograd.Function):
 
         # O = scale * (Q S_n + tril(Q K^T) V), all chunks batched.
         o = torch.matmul(qc, states)
-        addmm_(o, torch.matmul(qc, mT(kc)).tril_(), vc, beta=scale, alpha=scale)
+        P = torch.matmul(qc, mT(kc)).tril_()
+        addmm_(o, P, vc, beta=scale, alpha=scale)
+        # Every input reaches some output, so a finite output means finite inputs: one sum decides. Otherwise
+        # redo the product across tokens without multiplying P's zeros by a later token's v (tri_matmul).
+        isolate = not all_finite(o)
+        if isolate:
+            o = torch.matmul(qc, states).add_(tri_matmul(P, vc)).mul_(scale)
 
         ctx.save_for_backward(qc, kc, vc, states)
-        ctx.meta = (B, H, L, scale, q.dtype, k.dtype, v.dtype, None if s0 is None else s0.dtype)
+        ctx.meta = (B, H, L, scale, q.dtype, k.dtype, v.dtype, None if s0 is None else s0.dtype, isolate)
         ctx.set_materialize_grads(False)
         return from_chunks(o, (B, H, L), q.dtype), S.view(B, H, Dk, Dv)
 
@@ -137,7 +155,7 @@ class _SumRuleChunk(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, do, dsN):
         qc, kc, vc, states = ctx.saved_tensors
-        B, H, L, scale, q_dt, k_dt, v_dt, s0_dt = ctx.meta
+        B, H, L, scale, q_dt, k_dt, v_dt, s0_dt, isolate = ctx.meta
         G, N, C, Dk = qc.shape
         Dv = vc.shape[-1]
         do_c = qc.new_zeros(G, N, C, Dv) if do is None else to_chunks(do, C, qc.dtype)  # unscaled dO
@@ -145,6 +163,7 @@ class _SumRuleChunk(torch.autograd.Function):
         # dS_next[:, n]: gradient w.r.t. the state after chunk n = dS_N + scale sum_{m>n} Q_m^T dO_m.
         dS_next = qc.new_empty(G, N, Dk, Dv)
         dS = qc.new_zeros(G, Dk, Dv) if dsN is None else dsN.reshape(G, Dk, Dv).to(qc.dtype)
+        isolate = isolate or not (all_finite(do_c) and all_finite(dS))
         for n in range(N - 1, -1, -1):
             dS_next[:, n] = dS
             dS = torch.baddbmm(dS, mT(qc[:, n]), do_c[:, n], alpha=scale)
@@ -152,17 +171,25 @@ class _SumRuleChunk(torch.autograd.Function):
 
         # dQ = scale (dO S_n^T + dP K), dK = scale dP^T Q + V dS_next^T, dV = scale P^T dO + K dS_next,
         # with P = tril(Q K^T) and dP = tril(dO V^T); all chunks batched, one C x C buffer for dP then P.
+        # The isolating path does the products across tokens with tri_matmul (see forward).
         dq = dk = dv = None
         buf = torch.matmul(do_c, mT(vc)).tril_()  # dP (unscaled)
         if ctx.needs_input_grad[0]:
-            dq = addmm_(torch.matmul(do_c, mT(states)), buf, kc).mul_(scale)
-            dq = from_chunks(dq, (B, H, L), q_dt)
+            dq = torch.matmul(do_c, mT(states))
+            dq = dq.add_(tri_matmul(buf, kc)) if isolate else addmm_(dq, buf, kc)
+            dq = from_chunks(dq.mul_(scale), (B, H, L), q_dt)
         if ctx.needs_input_grad[1]:
-            dk = addmm_(torch.matmul(mT(buf), qc), vc, mT(dS_next), beta=scale)
+            if isolate:
+                dk = tri_matmul(mT(buf), qc, upper=True).mul_(scale).add_(torch.matmul(vc, mT(dS_next)))
+            else:
+                dk = addmm_(torch.matmul(mT(buf), qc), vc, mT(dS_next), beta=scale)
             dk = from_chunks(dk, (B, H, L), k_dt)
         if ctx.needs_input_grad[2]:
             P = torch.matmul(qc, mT(kc), out=buf).tril_()
-            dv = addmm_(torch.matmul(mT(P), do_c), kc, dS_next, beta=scale)
+            if isolate:
+                dv = tri_matmul(mT(P), do_c, upper=True).mul_(scale).add_(torch.matmul(kc, dS_next))
+            else:
+                dv = addmm_(torch.matmul(mT(P), do_c), kc, dS_next, beta=scale)
             dv = from_chunks(dv, (B, H, L), v_dt)
         return dq, dk, dv, ds0, None, None
 

@@ -312,6 +312,7 @@ extern thread_local dim3 threadIdx, blockIdx;
 extern dim3 blockDim, gridDim;
 float __shfl_xor_sync(unsigned mask, float value, int lane_mask);
 void __syncthreads();
+using std::isfinite;
 using std::min;
 """
 
@@ -562,9 +563,9 @@ extern "C" int emu_forward(int dtype, int delta, int B, int H, int L, int Dk, in
 // Allocates the per-tile partial sums itself and returns their sums in dq, dk and dbeta.
 extern "C" int emu_backward(int dtype, int delta, int B, int H, int L, int Dk, int Dv, float scale, const void* q,
                             const void* k, const void* v, const float* beta, const float* resid, const void* dout,
-                            const long long* strides, const float* final_state, const float* d_final_state,
-                            const float* ckpt, int ckpt_every, float* dq, float* dk, void* dv, float* dbeta,
-                            float* d_initial_state, int warps, int flush, int vec_mode) {
+                            const long long* strides, const float* initial_state, const float* final_state,
+                            const float* d_final_state, const float* ckpt, int ckpt_every, float* dq, float* dk,
+                            void* dv, float* dbeta, float* d_initial_state, int warps, int flush, int vec_mode) {
   BackwardArgs a;
   a.dtype = dtype;
   a.delta = delta != 0;
@@ -573,7 +574,8 @@ extern "C" int emu_backward(int dtype, int delta, int B, int H, int L, int Dk, i
   a.q = q, a.k = k, a.v = v, a.beta = beta, a.resid = resid, a.dout = dout;
   a.sq = strides_at(strides, 0), a.sk = strides_at(strides, 1), a.sv = strides_at(strides, 2);
   a.sbeta = strides_at(strides, 3), a.sdout = strides_at(strides, 4);
-  a.final_state = final_state, a.d_final_state = d_final_state, a.ckpt = ckpt, a.ckpt_every = ckpt_every;
+  a.initial_state = initial_state, a.final_state = final_state, a.d_final_state = d_final_state;
+  a.ckpt = ckpt, a.ckpt_every = ckpt_every;
   a.dv = dv, a.d_initial_state = d_initial_state;
   int tiles = 0;
   backward_dispatch(a, warps, flush, vec_mode, &tiles);
@@ -649,8 +651,8 @@ def run_emulated(lib, op, q, k, v, beta, s0, do, dS, *, scale, C, warps=0, flush
     x = None if delta else v
     rc = lib.emu_backward(
         code, int(delta), B, H, L, Dk, Dv, f, _ptr(q), _ptr(k), _ptr(x), _ptr(b32), _ptr(resid), _ptr(do),
-        _strides(q, k, x, b32, do), _ptr(S), _ptr(dS), _ptr(ckpt), C, _ptr(dq), _ptr(dk), _ptr(dv), _ptr(dbeta),
-        _ptr(ds0), warps, flush, vec,
+        _strides(q, k, x, b32, do), _ptr(s0), _ptr(S), _ptr(dS), _ptr(ckpt), C, _ptr(dq), _ptr(dk), _ptr(dv),
+        _ptr(dbeta), _ptr(ds0), warps, flush, vec,
     )  # fmt: skip
     assert rc == 0, f"emulated backward failed ({rc}): a divergent shuffle or barrier, or a bad layout"
     return [o, S, dq, dk, dv, *([dbeta] if delta else []), ds0]
@@ -725,6 +727,78 @@ def test_emulated_kernels_match_recurrent(emulator, op, dtype, name, Dk, Dv, L, 
         assert torch.isfinite(a.float()).all(), f"{label}: unwritten (NaN) elements"
         err = ((a.double() - e).norm() / e.norm().clamp_min(1e-30)).item()
         assert err <= tol, f"{label}: relative error {err:.2e}"
+
+
+def assert_same_pattern(actual, expected, labels, tol):
+    """Same finite/non-finite mask as the float64 reference everywhere, and a small relative error where finite."""
+    for a, e, label in zip(actual, expected, labels, strict=True):
+        a, e = a.detach().double(), e.detach()
+        finite = torch.isfinite(e)
+        wrong = torch.isfinite(a) != finite
+        assert not wrong.any(), (
+            f"{label}: {int(wrong.sum())} entries differ in finiteness from the recurrent form, first at "
+            f"{wrong.nonzero()[0].tolist()} (recurrent finite: {bool(finite[wrong][0])})"
+        )
+        err = ((a[finite] - e[finite]).norm() / e[finite].norm().clamp_min(1e-30)).item()
+        assert err <= tol, f"{label}: relative error {err:.2e} where finite"
+
+
+# (id, token of the bad value, checkpoint interval C) for L = 13: where the token sits relative to the stored
+# states the backward recomputes from (checkpoints after tokens 3, 7 and 11 for C = 4; none for C = 64).
+BAD_TOKEN_PLACES = [
+    ("inside-a-block", 5, 4),
+    ("first-of-a-block", 4, 4),
+    ("last-of-a-block", 7, 4),
+    ("first-token", 0, 4),
+    ("after-the-last-checkpoint", 12, 4),
+    ("no-checkpoints", 6, 64),
+]
+TOKEN_INPUTS = {"delta_rule": ["q", "k", "v", "beta"], "sum_rule": ["q", "k", "v"]}
+BAD_INPUTS = [(op, where) for op in OPS for where in TOKEN_INPUTS[op]]
+NAN, INF = float("nan"), float("inf")
+BAD_VALUES = [pytest.param(NAN, id="nan"), pytest.param(INF, id="+inf"), pytest.param(-INF, id="-inf")]
+
+
+def poisoned_emulator_case(op, bad, *, L=13, Dk=20, Dv=12, seed=31):
+    """emulator_case inputs (float32, two heads) with ``bad`` = [(input, index, value)] written in."""
+    q, k, v, beta, s0, do, dS = emulator_case(op, 1, 2, L, Dk, Dv, torch.float32, seed=seed)
+    named = {"q": q, "k": k, "v": v, "beta": beta, "s0": s0}
+    for where, index, value in bad:
+        named[where][index] = value
+    return q, k, v, beta, s0, do, dS
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("op, where", BAD_INPUTS, ids=[f"{op}-{w}" for op, w in BAD_INPUTS])
+@pytest.mark.parametrize("value", BAD_VALUES)
+@pytest.mark.parametrize("name, t, C", BAD_TOKEN_PLACES, ids=[c[0] for c in BAD_TOKEN_PLACES])
+def test_emulated_kernels_keep_a_bad_token_where_the_recurrent_form_does(emulator, op, where, value, name, t, C):
+    """A NaN/inf in one token of one head: the emulated kernels give the recurrent form's finite/non-finite pattern
+    in the outputs, final state and every gradient (no later token spoils an earlier one through the backward's
+    reverse reconstruction of the state), and its values where finite."""
+    index = (0, 1, t) if where == "beta" else (0, 1, t, 3)
+    inputs = poisoned_emulator_case(op, [(where, index, value)])
+    actual = run_emulated(emulator, op, *inputs, scale=0.7, C=C)
+    expected = emulator_reference(op, *inputs, scale=0.7)
+    assert_same_pattern(actual, expected, names_for_emulated(op), tol=1e-5)
+
+
+SEVERAL_BAD = [  # (id, [(input, index, value)], C)
+    ("initial-state", [("s0", (0, 1, 2, 5), NAN)], 4),
+    ("initial-state-and-a-token", [("s0", (0, 0, 7, 1), INF), ("v", (0, 0, 9, 4), NAN)], 4),
+    ("two-tokens-in-one-block", [("v", (0, 1, 5, 2), NAN), ("q", (0, 1, 6, 0), -INF)], 8),
+    ("every-token-of-one-head", [("k", (0, 1), NAN)], 4),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("name, bad, C", SEVERAL_BAD, ids=[c[0] for c in SEVERAL_BAD])
+def test_emulated_kernels_with_a_bad_state_or_several_bad_values(emulator, op, name, bad, C):
+    """A NaN/inf in the initial state, or several at once: the emulated kernels match the recurrent pattern."""
+    inputs = poisoned_emulator_case(op, bad)
+    actual = run_emulated(emulator, op, *inputs, scale=0.7, C=C)
+    assert_same_pattern(actual, emulator_reference(op, *inputs, scale=0.7), names_for_emulated(op), tol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -824,6 +898,25 @@ def test_emulated_inference_saves_nothing_and_matches(emulated_extension, monkey
     # q, k, r or v, beta, the final state and (L-1)//C = 7 checkpoints; nothing of size L x Dk x Dv.
     bound = 2 * (30 * 8 * 2) * 2 + 30 * 8 * 2 + 60 + 2 * 64 + 7 * 2 * 64
     assert 0 < sum(saved) <= bound
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_emulated_cuda_form_keeps_a_bad_token_where_the_recurrent_form_does(emulated_extension, monkeypatch, op, dtype):
+    """The "cuda" form end to end (wrapper, binding, emulated kernels) with a NaN in k of the first checkpoint
+    block: the backward recomputes S from the initial state the wrapper kept, and matches the recurrent pattern."""
+    monkeypatch.setattr(cuda, "load_extension", lambda: emulated_extension)
+    q, k, v, beta, s0, do, dS = poisoned_emulator_case(op, [("k", (0, 1, 2, 3), NAN)], L=21)
+    inputs = [x.to(dtype) for x in (q, k, v, beta)][: 4 if op == "delta_rule" else 3]
+    leaves = [x.clone().requires_grad_() for x in inputs]
+    state = s0.clone().requires_grad_()
+    o, S = CUDA_FORMS[op](*leaves, scale=0.7, initial_state=state, output_final_state=True, checkpoint_every=8)
+    grads = torch.autograd.grad((o.double() * do.double()).sum() + (S.double() * dS).sum(), [*leaves, state])
+    rounded = [x.to(dtype).float() for x in (q, k, v)] + [beta.to(dtype).float()]
+    expected = emulator_reference(op, *rounded, s0, do.to(dtype).float(), dS, scale=0.7)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert_same_pattern([o, S, *grads], expected, names_for_emulated(op), tol=tol)
 
 
 # --- the kernels themselves (CUDA machines only) -------------------------------------------------------------
