@@ -136,19 +136,17 @@ class _DeltaRuleChunk(torch.autograd.Function):
         dtype = compute_dtype(q, k, v, beta, s0)
         qc, kc, vc = (to_chunks(x, C, dtype) for x in (q, k, v))  # [G, N, C, D]
         bc = to_chunks(beta, C, dtype)  # [G, N, C]
-        G = qc.shape[0]
-        S = qc.new_zeros(G, Dk, Dv) if s0 is None else s0.reshape(G, Dk, Dv).to(dtype)
 
-        o, S_final, X, Ud, states = _forward(qc, kc, vc, bc, S, scale)
+        o, S, X, Ud, states = _forward(qc, kc, vc, bc, s0, scale)
         # Every input reaches some output, so a finite output means finite inputs: one sum decides.
         isolate = not all_finite(o)
         if isolate:
-            o, S_final, X, Ud, states = _forward_isolating(qc, kc, vc, bc, S, scale, L)
+            o, S, X, Ud, states = _forward_isolating(qc, kc, vc, bc, s0, scale, L)
 
         ctx.save_for_backward(qc, kc, vc, bc, X, Ud, states)
         ctx.meta = (B, H, L, scale, [x.dtype for x in (q, k, v, beta)], None if s0 is None else s0.dtype, isolate)
         ctx.set_materialize_grads(False)
-        return from_chunks(o, (B, H, L), q.dtype), S_final.view(B, H, Dk, Dv)
+        return from_chunks(o, (B, H, L), q.dtype), S.view(B, H, Dk, Dv)
 
     @staticmethod
     @once_differentiable
@@ -158,11 +156,12 @@ class _DeltaRuleChunk(torch.autograd.Function):
         G, N, C, Dk = qc.shape
         Dv = vc.shape[-1]
         do_c = qc.new_zeros(G, N, C, Dv) if do is None else to_chunks(do, C, qc.dtype)  # unscaled dO
-        dS = qc.new_zeros(G, Dk, Dv) if dsN is None else dsN.reshape(G, Dk, Dv).to(qc.dtype)
-
-        isolate = isolate or not (all_finite(do_c) and all_finite(dS))
-        backward = _backward_isolating if isolate else _backward
-        dq, dk, dv, dbeta, dS = backward(qc, kc, vc, bc, X, Ud, states, do_c, dS, scale, L)
+        args = (qc, kc, vc, bc, X, Ud, states, do_c, dsN, scale, L)
+        dq, dk, dv, dbeta, dS = (_backward_isolating if isolate else _backward)(*args)
+        # A NaN or inf in the incoming gradient: redo with the isolating path. (Checked after the fast pass:
+        # the check's small tensors, allocated among the pass's large buffers, cost more in page faults.)
+        if not isolate and not (all_finite(do_c) and (dsN is None or all_finite(dsN))):
+            dq, dk, dv, dbeta, dS = _backward_isolating(*args)
 
         shape = (B, H, L)
         grads = [from_chunks(g, shape, dt) for g, dt in zip((dq, dk, dv, dbeta), dtypes, strict=True)]
@@ -170,7 +169,13 @@ class _DeltaRuleChunk(torch.autograd.Function):
         return (*grads, ds0, None, None)
 
 
-def _forward(qc, kc, vc, bc, S, scale):
+def _initial_state(qc: torch.Tensor, Dv: int, s: torch.Tensor | None) -> torch.Tensor:
+    """``s`` ``[B, H, Dk, Dv]`` as ``[G, Dk, Dv]`` in the compute dtype, zeros if None (a state or its gradient)."""
+    G, Dk = qc.shape[0], qc.shape[-1]
+    return qc.new_zeros(G, Dk, Dv) if s is None else s.reshape(G, Dk, Dv).to(qc.dtype)
+
+
+def _forward(qc, kc, vc, bc, s0, scale):
     """The chunkwise forward for finite inputs: ``(o, S_final, X, U', states)``, o in chunks ``[G, N, C, Dv]``.
 
     Large temporaries are reused through ``out=`` and in-place ops: on CPU every fresh multi-MB buffer
@@ -190,6 +195,7 @@ def _forward(qc, kc, vc, bc, S, scale):
     # The only sequential part: U'_n = U_n - W_n S_n ;  S_{n+1} = S_n + K_n^T U'_n.
     # Matmul results are fresh contiguous [G, ., .] tensors: strided outputs would leave BLAS's batched path.
     states = qc.new_empty(G, N, Dk, Dv)
+    S = _initial_state(qc, Dv, s0)
     for n in range(N):
         states[:, n] = S
         u = Ud[:, n].sub_(torch.bmm(W[:, n], S))
@@ -202,7 +208,7 @@ def _forward(qc, kc, vc, bc, S, scale):
     return o, S, X, Ud, states
 
 
-def _forward_isolating(qc, kc, vc, bc, S, scale, L):
+def _forward_isolating(qc, kc, vc, bc, s0, scale, L):
     """:func:`_forward` for inputs with a NaN or inf: no product multiplies a zero of a triangular matrix by a
     non-finite value of another token (``tri_matmul``), so each one reaches exactly the outputs that depend on it.
 
@@ -218,6 +224,7 @@ def _forward_isolating(qc, kc, vc, bc, S, scale, L):
     Ud = tri_matmul(X, vc * b)
     pad = N * C - L
     states = qc.new_empty(G, N, Dk, Dv)
+    S = _initial_state(qc, Dv, s0)
     for n in range(N):
         states[:, n] = S
         u = Ud[:, n].sub_(torch.bmm(W[:, n], S))
@@ -228,7 +235,7 @@ def _forward_isolating(qc, kc, vc, bc, S, scale, L):
     return o, S, X, Ud, states
 
 
-def _backward(qc, kc, vc, bc, X, Ud, states, do_c, dS, scale, L):
+def _backward(qc, kc, vc, bc, X, Ud, states, do_c, dsN, scale, L):
     """The chunkwise backward for finite values: ``(dq, dk, dv, dbeta, dS_0)``, in chunks."""
     G, N, C, Dk = qc.shape
     Dv = vc.shape[-1]
@@ -242,6 +249,7 @@ def _backward(qc, kc, vc, bc, X, Ud, states, do_c, dS, scale, L):
     P = torch.matmul(qc, mT(kc)).tril_()
     Z = torch.matmul(mT(P), do_c)  # tril(Q K^T)^T dO; chunk n is overwritten by Z_n in the loop
     dS_next = qc.new_empty(G, N, Dk, Dv)
+    dS = _initial_state(qc, Dv, dsN)  # the final state's gradient
     for n in range(N - 1, -1, -1):
         dS_next[:, n] = dS
         z = torch.bmm(mT(X[:, n]), torch.baddbmm(Z[:, n], kc[:, n], dS, beta=scale))
@@ -268,7 +276,7 @@ def _backward(qc, kc, vc, bc, X, Ud, states, do_c, dS, scale, L):
     return dq, dk, dv, dbeta, dS
 
 
-def _backward_isolating(qc, kc, vc, bc, X, Ud, states, do_c, dS, scale, L):
+def _backward_isolating(qc, kc, vc, bc, X, Ud, states, do_c, dsN, scale, L):
     """:func:`_backward` with every product across the tokens of a chunk done by ``tri_matmul`` (see
     :func:`_forward_isolating`), also used when the incoming gradient is not finite."""
     G, N, C, Dk = qc.shape
@@ -278,6 +286,7 @@ def _backward_isolating(qc, kc, vc, bc, X, Ud, states, do_c, dS, scale, L):
     P = torch.matmul(qc, mT(kc)).tril_()
     Z = tri_matmul(mT(P), do_c, upper=True)
     dS_next = qc.new_empty(G, N, Dk, Dv)
+    dS = _initial_state(qc, Dv, dsN)
     for n in range(N - 1, -1, -1):
         dS_next[:, n] = dS
         z = tri_matmul(mT(X[:, n]), torch.baddbmm(Z[:, n], kc[:, n], dS, beta=scale), upper=True)

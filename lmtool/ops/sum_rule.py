@@ -159,39 +159,48 @@ class _SumRuleChunk(torch.autograd.Function):
         G, N, C, Dk = qc.shape
         Dv = vc.shape[-1]
         do_c = qc.new_zeros(G, N, C, Dv) if do is None else to_chunks(do, C, qc.dtype)  # unscaled dO
-
-        # dS_next[:, n]: gradient w.r.t. the state after chunk n = dS_N + scale sum_{m>n} Q_m^T dO_m.
-        dS_next = qc.new_empty(G, N, Dk, Dv)
-        dS = qc.new_zeros(G, Dk, Dv) if dsN is None else dsN.reshape(G, Dk, Dv).to(qc.dtype)
-        isolate = isolate or not (all_finite(do_c) and all_finite(dS))
-        for n in range(N - 1, -1, -1):
-            dS_next[:, n] = dS
-            dS = torch.baddbmm(dS, mT(qc[:, n]), do_c[:, n], alpha=scale)
+        args = (qc, kc, vc, states, do_c, dsN, scale, ctx.needs_input_grad[:3])
+        dq, dk, dv, dS = _backward(*args, isolate=isolate)
+        # A NaN or inf in the incoming gradient: redo with the isolating path (checked after the fast pass, as
+        # in delta_rule).
+        if not isolate and not (all_finite(do_c) and (dsN is None or all_finite(dsN))):
+            dq, dk, dv, dS = _backward(*args, isolate=True)
+        grads = [None if g is None else from_chunks(g, (B, H, L), dt) for g, dt in ((dq, q_dt), (dk, k_dt), (dv, v_dt))]
         ds0 = dS.view(B, H, Dk, Dv).to(s0_dt) if ctx.needs_input_grad[3] else None
+        return (*grads, ds0, None, None)
 
-        # dQ = scale (dO S_n^T + dP K), dK = scale dP^T Q + V dS_next^T, dV = scale P^T dO + K dS_next,
-        # with P = tril(Q K^T) and dP = tril(dO V^T); all chunks batched, one C x C buffer for dP then P.
-        # The isolating path does the products across tokens with tri_matmul (see forward).
-        dq = dk = dv = None
-        buf = torch.matmul(do_c, mT(vc)).tril_()  # dP (unscaled)
-        if ctx.needs_input_grad[0]:
-            dq = torch.matmul(do_c, mT(states))
-            dq = dq.add_(tri_matmul(buf, kc)) if isolate else addmm_(dq, buf, kc)
-            dq = from_chunks(dq.mul_(scale), (B, H, L), q_dt)
-        if ctx.needs_input_grad[1]:
-            if isolate:
-                dk = tri_matmul(mT(buf), qc, upper=True).mul_(scale).add_(torch.matmul(vc, mT(dS_next)))
-            else:
-                dk = addmm_(torch.matmul(mT(buf), qc), vc, mT(dS_next), beta=scale)
-            dk = from_chunks(dk, (B, H, L), k_dt)
-        if ctx.needs_input_grad[2]:
-            P = torch.matmul(qc, mT(kc), out=buf).tril_()
-            if isolate:
-                dv = tri_matmul(mT(P), do_c, upper=True).mul_(scale).add_(torch.matmul(kc, dS_next))
-            else:
-                dv = addmm_(torch.matmul(mT(P), do_c), kc, dS_next, beta=scale)
-            dv = from_chunks(dv, (B, H, L), v_dt)
-        return dq, dk, dv, ds0, None, None
+
+def _backward(qc, kc, vc, states, do_c, dsN, scale, needs, *, isolate):
+    """``(dq, dk, dv, dS_0)`` in chunks (None where ``needs`` says no); ``isolate``: products across tokens by
+    ``tri_matmul`` (see the forward)."""
+    G, N, C, Dk = qc.shape
+    Dv = vc.shape[-1]
+    # dS_next[:, n]: gradient w.r.t. the state after chunk n = dS_N + scale sum_{m>n} Q_m^T dO_m.
+    dS_next = qc.new_empty(G, N, Dk, Dv)
+    dS = qc.new_zeros(G, Dk, Dv) if dsN is None else dsN.reshape(G, Dk, Dv).to(qc.dtype)
+    for n in range(N - 1, -1, -1):
+        dS_next[:, n] = dS
+        dS = torch.baddbmm(dS, mT(qc[:, n]), do_c[:, n], alpha=scale)
+
+    # dQ = scale (dO S_n^T + dP K), dK = scale dP^T Q + V dS_next^T, dV = scale P^T dO + K dS_next,
+    # with P = tril(Q K^T) and dP = tril(dO V^T); all chunks batched, one C x C buffer for dP then P.
+    dq = dk = dv = None
+    buf = torch.matmul(do_c, mT(vc)).tril_()  # dP (unscaled)
+    if needs[0]:
+        dq = torch.matmul(do_c, mT(states))
+        dq = (dq.add_(tri_matmul(buf, kc)) if isolate else addmm_(dq, buf, kc)).mul_(scale)
+    if needs[1]:
+        if isolate:
+            dk = tri_matmul(mT(buf), qc, upper=True).mul_(scale).add_(torch.matmul(vc, mT(dS_next)))
+        else:
+            dk = addmm_(torch.matmul(mT(buf), qc), vc, mT(dS_next), beta=scale)
+    if needs[2]:
+        P = torch.matmul(qc, mT(kc), out=buf).tril_()
+        if isolate:
+            dv = tri_matmul(mT(P), do_c, upper=True).mul_(scale).add_(torch.matmul(kc, dS_next))
+        else:
+            dv = addmm_(torch.matmul(mT(P), do_c), kc, dS_next, beta=scale)
+    return dq, dk, dv, dS
 
 
 register_impl(OP, "recurrent", sum_rule_recurrent, priority=0)

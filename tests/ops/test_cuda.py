@@ -185,7 +185,8 @@ def kernel_algorithm(op, q, k, v, beta, s0, do, dS, *, scale, C, tile):
     Forward: the scan, storing r_t = v_t - S_{t-1}^T k_t and S after every C-th token. Backward: for each
     column tile of width ``tile`` separately, a reverse scan from the final state that reloads S from the
     checkpoints and reconstructs S_{t-1} = S_t - k_t u_t^T in between; dq, dk, dbeta are per-tile partial
-    sums added up at the end.
+    sums added up at the end. For finite inputs: the kernels' repair after a NaN or inf (recomputing S forward
+    from the last stored state) is checked on the emulated kernels below.
     """
     B, H, L, Dk = q.shape
     Dv = v.shape[-1]
