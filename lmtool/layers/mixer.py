@@ -7,7 +7,8 @@ feed-forward, softmax) is shared. A new model family is a `TokenMixer` subclass,
 builder (`MixerSpec` in `lmtool.models.registry`) and one registration line.
 
 State, per mixer (docs/token_mixers.md has the table):
-  FastWeightAttention  `(S [B, H, d_dot, d_head], z [B, H, d_dot] or None)`: fast weights and key sum
+  FastWeightAttention  `(S [B, H, d_dot, d_head], z [B, H, d_dot] or None, conv tail or None)`: fast
+                       weights, key sum, and the short convolution's last inputs
   SoftmaxAttention     mem_len > 0: the segment memory `[B, M, d_model]`, M <= mem_len (its past inputs);
                        mem_len = 0: a key/value cache `(k, v)`, each `[B, H, T, d_head]`, used for decoding
   RelativeAttention    the segment memory `[B, M, d_model]`, M <= mem_len (Transformer-XL)
