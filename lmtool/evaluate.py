@@ -23,13 +23,14 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from lmtool.config import ConfigError, register_configs, validate
-from lmtool.data import DatasetNotFoundError, load_corpus
+from lmtool.data import DatasetNotFoundError
 from lmtool.models.build import build_model
 from lmtool.models.registry import get_family
 from lmtool.train.checkpoint import CheckpointError, load_checkpoint, load_weights
 from lmtool.train.device import resolve_device
 from lmtool.train.evaluation import evaluate
 from lmtool.train.metrics import perplexity_fields
+from lmtool.train.pretrained import checkpoint_corpus
 from lmtool.train.sliding import sliding_window_nll
 
 register_configs()
@@ -70,10 +71,7 @@ def evaluate_checkpoint(cfg: Any) -> dict:
     path = Path(cfg.checkpoint)
     ckpt = load_checkpoint(path)
     run_cfg = run_config_for_eval(OmegaConf.create(ckpt["config"]), cfg)
-    d = run_cfg.dataset
-    corpus = load_corpus(d.name, data_dir=d.data_dir, cache_dir=d.cache_dir, min_freq=d.min_freq, max_size=d.max_size)
-    if corpus.vocab.fingerprint != ckpt["vocab"]["fingerprint"]:
-        raise CheckpointError(f"checkpoint {path} does not match the vocabulary of dataset {d.name} on this machine")
+    corpus = checkpoint_corpus(ckpt, run_cfg, path)
     device = resolve_device(cfg.device)
     model = build_model(run_cfg, len(corpus.vocab)).to(device)
     load_weights(model, ckpt, path)

@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from lmtool.config import ConfigError, register_configs, validate
 from lmtool.data import DatasetNotFoundError, Vocab
 from lmtool.data.vocab import DEFAULT_EOL
-from lmtool.models.generation import default_context, stream
+from lmtool.models.generation import Context, default_context, stream
 from lmtool.train.checkpoint import CheckpointError
 from lmtool.train.pretrained import Pretrained, load_pretrained
 
@@ -79,15 +79,18 @@ def stream_text(pretrained: Pretrained, prompt: str, *, max_new_tokens: int = 10
                 cache: bool = True) -> Iterator[str]:  # fmt: skip
     """Yield the text pieces of one sampled continuation of `prompt` (see `lmtool.models.generation`)."""
     ids, _ = encode_prompt(prompt, pretrained.vocab, pretrained.level)
-    check_options(ids, max_new_tokens, temperature, top_k, top_p)
-    model = pretrained.model
-    device = next(model.parameters()).device
+    context = checked_context(pretrained, ids, max_new_tokens, temperature, top_k, top_p, max_context)
+    yield from _pieces(pretrained, ids, context, max_new_tokens=max_new_tokens, temperature=temperature,
+                       top_k=top_k, top_p=top_p, seed=seed, cache=cache)  # fmt: skip
+
+
+def _pieces(pretrained: Pretrained, ids: list[int], context: Context, *, seed: int, **options: Any) -> Iterator[str]:
+    """The text pieces of one continuation of the checked prompt `ids`."""
+    device = next(pretrained.model.parameters()).device
     generator = torch.Generator(device).manual_seed(seed)
-    context = default_context(model, pretrained.tgt_len, max_context)
     detok = Detokenizer(pretrained.vocab, pretrained.level)
-    tokens = stream(model, torch.tensor([ids], device=device), max_new_tokens=max_new_tokens, context=context,
-                    temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, cache=cache)  # fmt: skip
-    for token in tokens:
+    for token in stream(pretrained.model, torch.tensor([ids], device=device), context=context, generator=generator,
+                        **options):  # fmt: skip
         yield detok.piece(int(token[0]))
 
 
@@ -96,7 +99,9 @@ def generate_text(pretrained: Pretrained, prompt: str, **options: Any) -> str:
     return "".join(stream_text(pretrained, prompt, **options))
 
 
-def check_options(ids: list[int], max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
+def checked_context(pretrained: Pretrained, ids: list[int], max_new_tokens: int, temperature: float, top_k: int,
+                    top_p: float, max_context: int | None) -> Context:  # fmt: skip
+    """The context to decode with, after refusing bad options with a one-line ConfigError."""
     if not ids:
         raise ConfigError("the prompt is empty: give prompt=TEXT or prompt_file=PATH with at least one token")
     if max_new_tokens < 1:
@@ -107,6 +112,10 @@ def check_options(ids: list[int], max_new_tokens: int, temperature: float, top_k
         raise ConfigError(f"top_k must be at least 0 (0: off), got {top_k}")
     if not 0 < top_p <= 1:
         raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
+    try:
+        return default_context(pretrained.model, pretrained.tgt_len, max_context)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def read_prompt(cfg: Any) -> str:
@@ -128,11 +137,8 @@ def run(cfg: Any) -> None:
     prompt = read_prompt(cfg)
     pretrained = load_pretrained(cfg.checkpoint, cfg.device)
     ids, missing = encode_prompt(prompt, pretrained.vocab, pretrained.level)
-    check_options(ids, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
-    try:
-        default_context(pretrained.model, pretrained.tgt_len, cfg.max_context)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
+    context = checked_context(pretrained, ids, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
+                              cfg.max_context)  # fmt: skip
     if missing:
         print(f"lmtool-generate: not in the vocabulary, read as {pretrained.vocab.unk}: {' '.join(missing)}",
               file=sys.stderr)  # fmt: skip
@@ -140,9 +146,8 @@ def run(cfg: Any) -> None:
     for i in range(cfg.num_samples):
         if cfg.num_samples > 1:
             print(f"{'' if i == 0 else chr(10)}=== sample {i + 1} ===", flush=True)
-        for piece in stream_text(pretrained, prompt, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                 top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed + i, max_context=cfg.max_context,
-                                 cache=cfg.cache):  # fmt: skip
+        for piece in _pieces(pretrained, ids, context, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                             top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed + i, cache=cfg.cache):  # fmt: skip
             print(piece, end="", flush=True)
         print(flush=True)
     seconds = time.perf_counter() - start

@@ -18,57 +18,28 @@ from torch import nn
 REDRAW_POLICIES = ("every_forward", "every_n", "fixed")
 
 
-class EluFeatureMap(nn.Module):
-    """phi(x) = elu(x) + 1 (Katharopoulos et al. 2020, the Linear Transformer's map); d_dot = d_head."""
+class ElementwiseFeatureMap(nn.Module):
+    """phi(x) = fn(x) entry by entry, d_dot = d_head: the maps of `ELEMENTWISE`."""
 
-    nonnegative = True
-
-    def __init__(self, d_head: int) -> None:
+    def __init__(self, d_head: int, name: str) -> None:
         super().__init__()
-        self.d_dot = d_head
+        self.name, self.d_dot = name, d_head
+        self.fn, self.nonnegative = ELEMENTWISE[name]
+
+    def extra_repr(self) -> str:
+        return self.name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.elu(x) + 1.0
+        return self.fn(x)
 
 
-class ReluFeatureMap(nn.Module):
-    """phi(x) = relu(x); d_dot = d_head."""
-
-    nonnegative = True
-
-    def __init__(self, d_head: int) -> None:
-        super().__init__()
-        self.d_dot = d_head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(x)
-
-
-class SiluFeatureMap(nn.Module):
-    """phi(x) = silu(x) = x sigmoid(x) (DeltaNet's, arXiv 2406.06484; signed: use l2 or no normalisation);
-    d_dot = d_head."""
-
-    nonnegative = False
-
-    def __init__(self, d_head: int) -> None:
-        super().__init__()
-        self.d_dot = d_head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.silu(x)
-
-
-class IdentityFeatureMap(nn.Module):
-    """phi(x) = x (signed features: no attention normaliser guarantees); d_dot = d_head."""
-
-    nonnegative = False
-
-    def __init__(self, d_head: int) -> None:
-        super().__init__()
-        self.d_dot = d_head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
+# name -> (phi, whether phi(x) >= 0 for every x)
+ELEMENTWISE: dict[str, tuple] = {
+    "elu": (lambda x: F.elu(x) + 1.0, True),  # Katharopoulos et al. 2020, the Linear Transformer's map
+    "relu": (F.relu, True),
+    "silu": (F.silu, False),  # DeltaNet's (arXiv 2406.06484); signed: use l2 or no normalisation
+    "identity": (lambda x: x, False),  # signed features: no attention normaliser guarantees
+}
 
 
 class DPFPFeatureMap(nn.Module):
@@ -212,14 +183,8 @@ def make_feature_map(
 ) -> nn.Module:
     """Build the feature map `name` (elu | favor | dpfp | identity | relu | silu) for heads of size `d_head`;
     `nu` is for dpfp, `n_features`, `redraw`, `redraw_interval` for favor (ignored by the others)."""
-    if name == "elu":
-        return EluFeatureMap(d_head)
-    if name == "relu":
-        return ReluFeatureMap(d_head)
-    if name == "identity":
-        return IdentityFeatureMap(d_head)
-    if name == "silu":
-        return SiluFeatureMap(d_head)
+    if name in ELEMENTWISE:
+        return ElementwiseFeatureMap(d_head, name)
     if name == "dpfp":
         return DPFPFeatureMap(d_head, nu)
     if name == "favor":

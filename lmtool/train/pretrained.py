@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from lmtool.data import Vocab, load_corpus
+from lmtool.data import Corpus, Vocab, load_corpus
 from lmtool.models.build import build_model
 from lmtool.models.lm import CausalLM
 from lmtool.train.checkpoint import CheckpointError, load_checkpoint, load_weights
@@ -29,16 +29,22 @@ class Pretrained:
     step: int
 
 
+def checkpoint_corpus(ckpt: dict, run_cfg: Any, path: Path) -> Corpus:
+    """The corpus of the run's dataset on this machine, refused unless its vocabulary is the checkpoint's."""
+    d = run_cfg.dataset
+    corpus = load_corpus(d.name, data_dir=d.data_dir, cache_dir=d.cache_dir, min_freq=d.min_freq, max_size=d.max_size)
+    if corpus.vocab.fingerprint != ckpt.get("vocab", {}).get("fingerprint"):
+        raise CheckpointError(f"checkpoint {path} does not match the vocabulary of dataset {d.name} on this machine")
+    return corpus
+
+
 def checkpoint_vocab(ckpt: dict, run_cfg: Any, path: Path) -> tuple[Vocab, str]:
     """The vocabulary and corpus level of a checkpoint: stored in it, or (older checkpoints) from the corpus
-    cache of its dataset, checked against the stored fingerprint."""
+    of its dataset."""
     record = ckpt.get("vocab", {})
     if "symbols" in record:
         return Vocab(record["symbols"], unk=record["unk"]), record["level"]
-    d = run_cfg.dataset
-    corpus = load_corpus(d.name, data_dir=d.data_dir, cache_dir=d.cache_dir, min_freq=d.min_freq, max_size=d.max_size)
-    if corpus.vocab.fingerprint != record.get("fingerprint"):
-        raise CheckpointError(f"checkpoint {path} does not match the vocabulary of dataset {d.name} on this machine")
+    corpus = checkpoint_corpus(ckpt, run_cfg, path)
     return corpus.vocab, corpus.level
 
 

@@ -38,15 +38,15 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(autouse=True)
 def short_valid(monkeypatch):
     """lmtool-eval reads a corpus whose valid split is its first VALID_TOKENS tokens."""
-    import lmtool.evaluate
+    import lmtool.train.pretrained
 
-    load_corpus = lmtool.evaluate.load_corpus
+    load_corpus = lmtool.train.pretrained.load_corpus
 
     def load_short(*args, **kwargs):
         corpus = load_corpus(*args, **kwargs)
         return dataclasses.replace(corpus, valid=corpus.valid[:VALID_TOKENS])
 
-    monkeypatch.setattr(lmtool.evaluate, "load_corpus", load_short)
+    monkeypatch.setattr(lmtool.train.pretrained, "load_corpus", load_short)
 
 
 def eval_config(ckpt: Path, *overrides: str):
