@@ -230,16 +230,17 @@ def delta_rule_cuda(
     v: torch.Tensor,
     beta: torch.Tensor,
     *,
+    g: torch.Tensor | None = None,
     scale: float = 1.0,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`lmtool.ops.delta_rule` as a CUDA scan: same signature, plus ``checkpoint_every`` (module doc)."""
-    ext = _kernels_for(q, [q, k, v, beta, initial_state])
+    ext = _kernels_for(q, [q, k, v, beta, initial_state]) if g is None else None
     if ext is None:
         return delta_rule_chunk(
-            q, k, v, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state
+            q, k, v, beta, g=g, scale=scale, initial_state=initial_state, output_final_state=output_final_state
         )
     return _scan(q, k, v, beta, scale, initial_state, output_final_state, checkpoint_every, ext)
 
@@ -249,15 +250,18 @@ def sum_rule_cuda(
     k: torch.Tensor,
     v: torch.Tensor,
     *,
+    g: torch.Tensor | None = None,
     scale: float = 1.0,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`lmtool.ops.sum_rule` as a CUDA scan: same signature, plus ``checkpoint_every`` (module doc)."""
-    ext = _kernels_for(q, [q, k, v, initial_state])
+    ext = _kernels_for(q, [q, k, v, initial_state]) if g is None else None
     if ext is None:
-        return sum_rule_chunk(q, k, v, scale=scale, initial_state=initial_state, output_final_state=output_final_state)
+        return sum_rule_chunk(
+            q, k, v, g=g, scale=scale, initial_state=initial_state, output_final_state=output_final_state
+        )
     return _scan(q, k, v, None, scale, initial_state, output_final_state, checkpoint_every, ext)
 
 

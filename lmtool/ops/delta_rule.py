@@ -12,6 +12,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from lmtool.ops.chunking import addmm_, all_finite, from_chunks, mT, to_chunks, tri_matmul, unit_lower_inverse
+from lmtool.ops.decay import DecayedDeltaChunk
 from lmtool.ops.registry import (
     check_inputs,
     compute_dtype,
@@ -31,6 +32,7 @@ def delta_rule(
     v: torch.Tensor,
     beta: torch.Tensor,
     *,
+    g: torch.Tensor | None = None,
     scale: float = 1.0,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
@@ -44,6 +46,9 @@ def delta_rule(
         S_t = S_{t-1} + k_t u_t^T
         o_t = scale * S_t^T q_t                   (step t is included)
 
+    With a log-decay ``g`` (Gated DeltaNet, Yang, Kautz & Hatamizadeh 2025, arXiv:2412.06464) the state first
+    decays by ``alpha_t = exp(g_t)``: ``S_{t-1}`` is replaced by ``alpha_t S_{t-1}`` in both lines above.
+
     The op applies no feature map, normalisation or sigmoid: pass ``beta`` in (0, 1) and normalised keys
     for a stable recurrence.
 
@@ -51,6 +56,7 @@ def delta_rule(
         q, k: ``[B, H, L, Dk]`` queries and keys.
         v: ``[B, H, L, Dv]`` values.
         beta: ``[B, H, L]`` learning rates (write strengths).
+        g: ``[B, H, L]`` log-decay (values <= 0, float32 or float64), or None (default) for no decay.
         scale: output scale (default 1.0).
         initial_state: ``[B, H, Dk, Dv]`` state before step 1; ``None`` (default) means zeros.
         output_final_state: also return the state after step L (default False).
@@ -60,13 +66,13 @@ def delta_rule(
     Returns:
         ``(o, final_state)``: ``o`` is ``[B, H, L, Dv]`` in q's dtype; ``final_state`` is
         ``[B, H, Dk, Dv]`` float32 (float64 if an input is float64), or None unless requested.
-        Half-precision inputs are computed in float32. Gradients flow to q, k, v, beta and initial_state.
+        Half-precision inputs are computed in float32. Gradients flow to q, k, v, beta, g and initial_state.
     """
-    check_inputs(OP, q, k, v, beta, initial_state)
+    check_inputs(OP, q, k, v, beta, initial_state, g)
     fn = resolve_impl(OP, impl, q.device)
     if q.shape[2] == 0:
-        return empty_sequence(q, k, v, beta, initial_state, output_final_state)
-    return fn(q, k, v, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state)
+        return empty_sequence(q, k, v, beta, initial_state, output_final_state, g)
+    return fn(q, k, v, beta, g=g, scale=scale, initial_state=initial_state, output_final_state=output_final_state)
 
 
 def delta_rule_recurrent(
@@ -75,18 +81,22 @@ def delta_rule_recurrent(
     v: torch.Tensor,
     beta: torch.Tensor,
     *,
+    g: torch.Tensor | None = None,
     scale: float = 1.0,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Reference form of :func:`delta_rule`: one step per token, exactly the equations (autograd backward)."""
     if q.shape[2] == 0:
-        return empty_sequence(q, k, v, beta, initial_state, output_final_state)
-    dtype = compute_dtype(q, k, v, beta, initial_state)
+        return empty_sequence(q, k, v, beta, initial_state, output_final_state, g)
+    dtype = compute_dtype(q, k, v, beta, initial_state, g)
     S = initial_state_or_zeros(q, v, initial_state, dtype)
     steps = zip(*(x.to(dtype).unbind(2) for x in (q, k, v, beta)), strict=True)
+    decays = [None] * q.shape[2] if g is None else g.to(dtype).exp().unbind(2)
     outs = []
-    for q_t, k_t, v_t, b_t in steps:
+    for (q_t, k_t, v_t, b_t), alpha_t in zip(steps, decays, strict=True):
+        if alpha_t is not None:
+            S = alpha_t[..., None, None] * S
         u_t = b_t.unsqueeze(-1) * (v_t - torch.einsum("bhkv,bhk->bhv", S, k_t))
         S = S + k_t.unsqueeze(-1) * u_t.unsqueeze(-2)
         outs.append(scale * torch.einsum("bhkv,bhk->bhv", S, q_t))
@@ -100,6 +110,7 @@ def delta_rule_chunk(
     v: torch.Tensor,
     beta: torch.Tensor,
     *,
+    g: torch.Tensor | None = None,
     scale: float = 1.0,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
@@ -107,6 +118,7 @@ def delta_rule_chunk(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunkwise-parallel WY/UT form of :func:`delta_rule` (Yang et al. 2024) with a hand-written backward.
 
+    With a decay ``g`` the cumulative decays within a chunk enter the same form (``lmtool/ops/decay.py``).
     ``chunk_size`` (default 32) tokens per chunk. Everything inside a chunk is batched over all chunks;
     only the chunk-to-chunk state update is a loop of L / chunk_size steps.
     """
@@ -116,8 +128,12 @@ def delta_rule_chunk(
         # No tokens, or a state without rows or columns (Dk = 0 or Dv = 0): nothing to chunk, and the step loop
         # (the spec) only carries an empty state. B = 0 or H = 0 takes the chunk path, with no sequence to run.
         return delta_rule_recurrent(
-            q, k, v, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state
+            q, k, v, beta, g=g, scale=scale, initial_state=initial_state, output_final_state=output_final_state
         )
+    if g is not None:
+        o, S = DecayedDeltaChunk.apply(q, k, v, beta, g, initial_state, float(scale), int(chunk_size),
+                                       delta_rule_recurrent)  # fmt: skip
+        return o, (S if output_final_state else None)
     o, S = _DeltaRuleChunk.apply(q, k, v, beta, initial_state, float(scale), int(chunk_size))
     return o, (S if output_final_state else None)
 

@@ -91,6 +91,7 @@ def check_inputs(
     v: torch.Tensor,
     beta: torch.Tensor | None,
     initial_state: torch.Tensor | None,
+    g: torch.Tensor | None = None,
 ) -> None:
     """Raise a one-line ValueError unless the shapes, dtypes and devices follow the ops contract."""
     for name, x in (("q", q), ("k", k), ("v", v)):
@@ -113,6 +114,14 @@ def check_inputs(
         if not beta.is_floating_point():
             raise ValueError(f"{op}: beta must be a floating point tensor, got {beta.dtype}")
         extra.append(("beta", beta))
+    if g is not None:
+        if not isinstance(g, torch.Tensor) or tuple(g.shape) != (B, H, L):
+            got = tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
+            raise ValueError(f"{op}: g (log-decay) must have shape [B, H, L] = [{B}, {H}, {L}], got {got}")
+        if g.dtype not in (torch.float32, torch.float64):
+            # exp of a cumulative sum of half-precision log-decays loses the decay's digits within a chunk
+            raise ValueError(f"{op}: g (log-decay) must be float32 or float64, got {g.dtype}")
+        extra.append(("g", g))
     if initial_state is not None:
         if not isinstance(initial_state, torch.Tensor) or tuple(initial_state.shape) != (B, H, Dk, Dv):
             got = tuple(initial_state.shape) if isinstance(initial_state, torch.Tensor) else "non-tensor"
@@ -150,13 +159,15 @@ def empty_sequence(
     beta: torch.Tensor | None,
     initial_state: torch.Tensor | None,
     output_final_state: bool,
+    g: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Result for L = 0: no output tokens and the initial state (zeros if None) as the final state."""
     # o has no elements: adding the inputs into it only puts them in the autograd graph, so that their
     # gradients are tensors (empty, or zeros for the initial state) as for L > 0 rather than missing.
     o = v.to(q.dtype) + q.sum(-1, keepdim=True) + k.to(q.dtype).sum(-1, keepdim=True)
-    if beta is not None:
-        o = o + beta.to(q.dtype).unsqueeze(-1)
+    for per_token in (beta, g):
+        if per_token is not None:
+            o = o + per_token.to(q.dtype).unsqueeze(-1)
     if initial_state is not None:
         o = o + initial_state.to(q.dtype).sum(-2, keepdim=True)
     if not output_final_state:

@@ -11,6 +11,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from lmtool.ops.chunking import addmm_, all_finite, from_chunks, mT, to_chunks, tri_matmul
+from lmtool.ops.decay import DecayedSumChunk
 from lmtool.ops.registry import (
     check_inputs,
     compute_dtype,
@@ -29,6 +30,7 @@ def sum_rule(
     k: torch.Tensor,
     v: torch.Tensor,
     *,
+    g: torch.Tensor | None = None,
     scale: float = 1.0,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
@@ -41,9 +43,13 @@ def sum_rule(
         S_t = S_{t-1} + k_t v_t^T
         o_t = scale * S_t^T q_t            (step t is included)
 
+    With a log-decay ``g`` the state first decays by ``exp(g_t)``: ``S_t = exp(g_t) S_{t-1} + k_t v_t^T``
+    (scalar-gated linear attention, as in RetNet, GLA with a scalar gate and Mamba-2).
+
     Args:
         q, k: ``[B, H, L, Dk]`` queries and keys (feature map already applied).
         v: ``[B, H, L, Dv]`` values.
+        g: ``[B, H, L]`` log-decay (values <= 0, float32 or float64), or None (default) for no decay.
         scale: output scale (default 1.0).
         initial_state: ``[B, H, Dk, Dv]`` state before step 1; ``None`` (default) means zeros.
         output_final_state: also return the state after step L (default False).
@@ -53,13 +59,13 @@ def sum_rule(
     Returns:
         ``(o, final_state)``: ``o`` is ``[B, H, L, Dv]`` in q's dtype; ``final_state`` is
         ``[B, H, Dk, Dv]`` float32 (float64 if an input is float64), or None unless requested.
-        Half-precision inputs are computed in float32. Gradients flow to q, k, v and initial_state.
+        Half-precision inputs are computed in float32. Gradients flow to q, k, v, g and initial_state.
     """
-    check_inputs(OP, q, k, v, None, initial_state)
+    check_inputs(OP, q, k, v, None, initial_state, g)
     fn = resolve_impl(OP, impl, q.device)
     if q.shape[2] == 0:
-        return empty_sequence(q, k, v, None, initial_state, output_final_state)
-    return fn(q, k, v, scale=scale, initial_state=initial_state, output_final_state=output_final_state)
+        return empty_sequence(q, k, v, None, initial_state, output_final_state, g)
+    return fn(q, k, v, g=g, scale=scale, initial_state=initial_state, output_final_state=output_final_state)
 
 
 def sum_rule_recurrent(
@@ -67,18 +73,22 @@ def sum_rule_recurrent(
     k: torch.Tensor,
     v: torch.Tensor,
     *,
+    g: torch.Tensor | None = None,
     scale: float = 1.0,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Reference form of :func:`sum_rule`: one step per token, exactly the equations (autograd backward)."""
     if q.shape[2] == 0:
-        return empty_sequence(q, k, v, None, initial_state, output_final_state)
-    dtype = compute_dtype(q, k, v, initial_state)
+        return empty_sequence(q, k, v, None, initial_state, output_final_state, g)
+    dtype = compute_dtype(q, k, v, initial_state, g)
     S = initial_state_or_zeros(q, v, initial_state, dtype)
     outs = []
     steps = zip(*(x.to(dtype).unbind(2) for x in (q, k, v)), strict=True)
-    for q_t, k_t, v_t in steps:
+    decays = [None] * q.shape[2] if g is None else g.to(dtype).exp().unbind(2)
+    for (q_t, k_t, v_t), alpha_t in zip(steps, decays, strict=True):
+        if alpha_t is not None:
+            S = alpha_t[..., None, None] * S
         S = S + k_t.unsqueeze(-1) * v_t.unsqueeze(-2)
         outs.append(scale * torch.einsum("bhkv,bhk->bhv", S, q_t))
     o = torch.stack(outs, dim=2).to(q.dtype)
@@ -90,6 +100,7 @@ def sum_rule_chunk(
     k: torch.Tensor,
     v: torch.Tensor,
     *,
+    g: torch.Tensor | None = None,
     scale: float = 1.0,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
@@ -107,8 +118,11 @@ def sum_rule_chunk(
         # No tokens, or a state without rows or columns (Dk = 0 or Dv = 0): nothing to chunk, and the step loop
         # (the spec) only carries an empty state. B = 0 or H = 0 takes the chunk path, with no sequence to run.
         return sum_rule_recurrent(
-            q, k, v, scale=scale, initial_state=initial_state, output_final_state=output_final_state
+            q, k, v, g=g, scale=scale, initial_state=initial_state, output_final_state=output_final_state
         )
+    if g is not None:
+        o, S = DecayedSumChunk.apply(q, k, v, g, initial_state, float(scale), int(chunk_size), sum_rule_recurrent)
+        return o, (S if output_final_state else None)
     o, S = _SumRuleChunk.apply(q, k, v, initial_state, float(scale), int(chunk_size))
     return o, (S if output_final_state else None)
 

@@ -74,7 +74,7 @@ def test_registered_impl_is_callable_by_name_and_preferred_by_auto(monkeypatch):
     monkeypatch.setitem(registry._REGISTRY, "sum_rule", dict(registry._REGISTRY["sum_rule"]))
     calls = []
 
-    def fake(q, k, v, *, scale=1.0, initial_state=None, output_final_state=False):
+    def fake(q, k, v, *, g=None, scale=1.0, initial_state=None, output_final_state=False):
         calls.append(scale)
         return torch.zeros_like(v), None
 

@@ -1,0 +1,255 @@
+"""Chunkwise-parallel sum and delta rules with a per-token decay: ``S_{t-1}`` is scaled by ``exp(g_t)``.
+
+Gated DeltaNet (Yang, Kautz & Hatamizadeh, ICLR 2025, arXiv:2412.06464) and scalar-gated linear attention.
+Inside a chunk the decay from token j to token t is ``exp(G_t - G_j)`` with ``G`` the cumulative log-decay,
+so the chunk forms of ``delta_rule.py`` and ``sum_rule.py`` carry over with three kinds of factors, all <= 1
+(no division by a decay, so a tiny ``exp(g_t)`` loses nothing):
+
+    a_t     = exp(G_t)                 decay of the chunk-start state up to token t
+    D_tj    = exp(G_t - G_j), j <= t   decay between two tokens of the chunk (0 above the diagonal)
+    gamma_j = exp(G_C - G_j)           decay from token j to the end of the chunk
+
+The derivation of both passes is in ``lmtool/ops/README.md`` ("Decay"). Inputs with a NaN or inf (or an
+incoming gradient with one) are recomputed with the recurrent form, which is the spec of where they spread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from lmtool.ops.chunking import addmm_, all_finite, from_chunks, mT, to_chunks
+from lmtool.ops.registry import compute_dtype
+
+
+def decay_factors(gc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(a [G, N, C], D [G, N, C, C], gamma [G, N, C])`` of the module docstring from chunked log-decays ``gc``.
+
+    ``G_t - G_j`` is summed directly over the tokens between j and t (a cumulative sum down the columns of a
+    strictly lower ``g``), not taken as a difference of two long prefix sums, whose float32 rounding would be
+    relative to the whole chunk's decay.
+    """
+    C = gc.shape[-1]
+    between = gc.unsqueeze(-1).expand(*gc.shape, C).tril(-1).cumsum(-2)  # [t, j] = sum_{j < i <= t} g_i
+    upper = torch.ones(C, C, dtype=torch.bool, device=gc.device).triu_(1)
+    D = between.masked_fill_(upper, float("-inf")).exp_()
+    return gc.cumsum(-1).exp_(), D, D[..., -1, :]
+
+
+def _chunk_inputs(tensors, C: int, dtype: torch.dtype):
+    return [None if x is None else to_chunks(x, C, dtype) for x in tensors]
+
+
+def _initial(qc: torch.Tensor, Dv: int, s: torch.Tensor | None) -> torch.Tensor:
+    G, Dk = qc.shape[0], qc.shape[-1]
+    return qc.new_zeros(G, Dk, Dv) if s is None else s.reshape(G, Dk, Dv).to(qc.dtype)
+
+
+def _log_decay_grad(a, da, H, gamma, dgamma, states, dS_next) -> torch.Tensor:
+    """dL/dg from the gradients w.r.t. the factors: ``da`` (of a), ``H = dD * D`` (of D, per entry), ``dgamma``
+    (of gamma) and the chunk-end decay ``a_C`` of the state, through ``G = cumsum(g)``."""
+    dG = a * da + H.sum(-1) - H.sum(-2)  # d exp(G_t - G_j) = D_tj (dG_t - dG_j)
+    gd = gamma * dgamma
+    dG.sub_(gd)
+    dG[..., -1] += gd.sum(-1) + a[..., -1] * (states * dS_next).sum((-2, -1))
+    return dG.flip(-1).cumsum(-1).flip(-1)  # G_t = sum_{i<=t} g_i
+
+
+class _DecayedChunk(torch.autograd.Function):
+    """Shared bookkeeping of both rules: chunking, the non-finite fallback and the gradients' dtypes."""
+
+    @staticmethod
+    def _run(ctx, tensors, g, s0, scale, C, reference, forward):
+        q, v = tensors[0], tensors[2]
+        B, H, L, Dk = q.shape
+        dtype = compute_dtype(*tensors, g, s0)
+        chunks = _chunk_inputs((*tensors, g), C, dtype)
+        o, S, saved = forward(*chunks, s0, scale)
+        # Every input reaches some output, so a finite output means finite inputs: one sum decides.
+        isolate = not all_finite(o)
+        if isolate:
+            with torch.no_grad():
+                o, S = _call_reference(reference, tensors, g, s0, scale)
+        ctx.save_for_backward(*chunks, s0, *saved)
+        ctx.meta = (B, H, L, scale, [x.dtype for x in (*tensors, g)], isolate, reference, len(saved))
+        ctx.set_materialize_grads(False)
+        if not isolate:
+            o, S = from_chunks(o, (B, H, L), q.dtype), S.view(B, H, Dk, v.shape[-1])
+        return o, S
+
+    @staticmethod
+    def _grads(ctx, do, dsN, backward):
+        *rest, n_saved = ctx.meta
+        B, H, L, scale, dtypes, isolate, reference = rest
+        saved = ctx.saved_tensors
+        chunks, s0, extra = saved[: len(dtypes)], saved[len(dtypes)], saved[len(dtypes) + 1 :]
+        qc, vc = chunks[0], chunks[2]
+        G, N, C, Dk = qc.shape
+        Dv = vc.shape[-1]
+        finite_grad = (do is None or all_finite(do)) and (dsN is None or all_finite(dsN))
+        if isolate or not finite_grad:
+            inputs = [from_chunks(x, (B, H, L), x.dtype) for x in chunks]
+            grads, ds0 = _reference_grads(reference, inputs[:-1], inputs[-1], s0, scale, do, dsN)
+        else:
+            do_c = qc.new_zeros(G, N, C, Dv) if do is None else to_chunks(do, C, qc.dtype)
+            *grads, dS0 = backward(*chunks, *extra, do_c, _initial(qc, Dv, dsN), scale)
+            grads = [from_chunks(x, (B, H, L), x.dtype) for x in grads]
+            ds0 = dS0.view(B, H, Dk, Dv)
+        grads = [x.to(dt) for x, dt in zip(grads, dtypes, strict=True)]
+        return (*grads, ds0.to(s0.dtype) if s0 is not None else None)
+
+
+def _call_reference(reference, tensors, g, s0, scale):
+    return reference(*tensors, g=g, scale=scale, initial_state=s0, output_final_state=True)
+
+
+def _reference_grads(reference, tensors, g, s0, scale, do, dsN):
+    """Gradients of every input through the recurrent form (autograd), for inputs or gradients with a NaN/inf."""
+    with torch.enable_grad():
+        leaves = [x.detach().requires_grad_() for x in (*tensors, g)]
+        s0_leaf = None if s0 is None else s0.detach().requires_grad_()
+        o, S = _call_reference(reference, leaves[:-1], leaves[-1], s0_leaf, scale)
+        outputs, grads_out = zip(*[(y, dy) for y, dy in ((o, do), (S, dsN)) if dy is not None], strict=True)
+        wrt = leaves + ([s0_leaf] if s0_leaf is not None else [])
+        grads = torch.autograd.grad(outputs, wrt, grads_out, allow_unused=True, materialize_grads=True)
+    grads = list(grads)
+    ds0 = grads.pop() if s0_leaf is not None else None
+    return grads, ds0
+
+
+class DecayedDeltaChunk(_DecayedChunk):
+    """``apply(q, k, v, beta, g, s0, scale, C, reference) -> (o, S_final)``; saves the chunked inputs, X, U' and
+    the chunk-start states (as ``delta_rule``'s chunk form), nothing per token of size Dk x Dv."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, beta, g, s0, scale: float, C: int, reference: Callable):
+        return _DecayedChunk._run(ctx, (q, k, v, beta), g, s0, scale, C, reference, _delta_forward)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, do, dsN):
+        return (*_DecayedChunk._grads(ctx, do, dsN, _delta_backward), None, None, None)
+
+
+class DecayedSumChunk(_DecayedChunk):
+    """``apply(q, k, v, g, s0, scale, C, reference) -> (o, S_final)``; saves the chunked inputs and the
+    chunk-start states."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, s0, scale: float, C: int, reference: Callable):
+        return _DecayedChunk._run(ctx, (q, k, v), g, s0, scale, C, reference, _sum_forward)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, do, dsN):
+        return (*_DecayedChunk._grads(ctx, do, dsN, _sum_backward), None, None, None)
+
+
+def _sum_forward(qc, kc, vc, gc, s0, scale):
+    """``O = scale ((a Q) S_n + (tril(Q K^T) * D) V)``, ``S_{n+1} = a_C S_n + (gamma K)^T V``."""
+    G, N, C, Dk = qc.shape
+    Dv = vc.shape[-1]
+    a, D, gamma = decay_factors(gc)
+    kg = kc * gamma.unsqueeze(-1)
+    states = qc.new_empty(G, N, Dk, Dv)
+    S = _initial(qc, Dv, s0)
+    for n in range(N):
+        states[:, n] = S
+        S = torch.baddbmm(S * a[:, n, -1, None, None], mT(kg[:, n]), vc[:, n])
+    o = torch.matmul(qc * a.unsqueeze(-1), states)
+    addmm_(o, torch.matmul(qc, mT(kc)).mul_(D), vc, beta=scale, alpha=scale)
+    return o, S, (states,)
+
+
+def _sum_backward(qc, kc, vc, gc, states, do_c, dS, scale):
+    """``(dq, dk, dv, dg, dS_0)`` in chunks (derivation: ``lmtool/ops/README.md``, "Decay")."""
+    G, N, C, Dk = qc.shape
+    a, D, gamma = decay_factors(gc)
+    qa = qc * a.unsqueeze(-1)
+    dS_next = torch.empty_like(states)
+    for n in range(N - 1, -1, -1):
+        dS_next[:, n] = dS
+        dS = torch.baddbmm(dS * a[:, n, -1, None, None], mT(qa[:, n]), do_c[:, n], alpha=scale)
+
+    QK = torch.matmul(qc, mT(kc)).tril_()
+    dPD = torch.matmul(do_c, mT(vc)).mul_(D)  # d(tril(Q K^T) * D), unscaled, times D
+    dOS = torch.matmul(do_c, mT(states))
+    dq = addmm_(dOS * a.unsqueeze(-1), dPD, kc).mul_(scale)
+    VdS = torch.matmul(vc, mT(dS_next))
+    dk = addmm_(VdS * gamma.unsqueeze(-1), mT(dPD), qc, alpha=scale)
+    dv = addmm_(torch.matmul(kc * gamma.unsqueeze(-1), dS_next), mT(QK.mul(D)), do_c, alpha=scale)
+    dg = _log_decay_grad(
+        a, scale * (qc * dOS).sum(-1), dPD.mul_(QK).mul_(scale), gamma, (kc * VdS).sum(-1), states, dS_next
+    )
+    return dq, dk, dv, dg, dS
+
+
+def _delta_forward(qc, kc, vc, bc, gc, s0, scale):
+    """The UT form with decay: ``(I + A) U' = diag(b) (V - (a K) S_n)``, ``A = diag(b) (K K^T * D)`` strictly
+    lower, so ``U' = U - W S_n`` with ``W = X diag(b) (a K)``, ``U = X diag(b) V``; then as the sum rule with U'."""
+    G, N, C, Dk = qc.shape
+    Dv = vc.shape[-1]
+    a, D, gamma = decay_factors(gc)
+    b = bc.unsqueeze(-1)
+    A = torch.matmul(kc, mT(kc)).mul_(D).mul_(b)  # only the strictly lower part is read
+    eye = torch.eye(C, dtype=qc.dtype, device=qc.device).expand_as(A)
+    X = torch.linalg.solve_triangular(A, eye, upper=False, unitriangular=True)
+    T = torch.mul(X, bc.unsqueeze(-2), out=A)
+    W = torch.matmul(T, kc * a.unsqueeze(-1))
+    Ud = torch.matmul(T, vc)  # U, turned into U' in place below
+    kg = kc * gamma.unsqueeze(-1)
+    states = qc.new_empty(G, N, Dk, Dv)
+    S = _initial(qc, Dv, s0)
+    for n in range(N):
+        states[:, n] = S
+        u = Ud[:, n].sub_(torch.bmm(W[:, n], S))
+        S = torch.baddbmm(S * a[:, n, -1, None, None], mT(kg[:, n]), u)
+    o = torch.matmul(qc * a.unsqueeze(-1), states)
+    addmm_(o, torch.matmul(qc, mT(kc), out=T).mul_(D), Ud, beta=scale, alpha=scale)
+    return o, S, (X, Ud, states)
+
+
+def _delta_backward(qc, kc, vc, bc, gc, X, Ud, states, do_c, dS, scale):
+    """``(dq, dk, dv, dbeta, dg, dS_0)`` in chunks (derivation: ``lmtool/ops/README.md``, "Decay").
+
+    Reverse pass over chunks, with ``Z = X^T dU'``:
+        dU'_n = scale (tril(Q K^T) * D)^T dO_n + (gamma K_n) dS_{n+1}
+        dS_n  = a_C dS_{n+1} + scale (a Q_n)^T dO_n - (a K_n)^T diag(b) Z_n
+    """
+    G, N, C, Dk = qc.shape
+    a, D, gamma = decay_factors(gc)
+    b, a_, g_ = bc.unsqueeze(-1), a.unsqueeze(-1), gamma.unsqueeze(-1)
+    qa, ka, kg = qc * a_, kc * a_, kc * g_
+    QK = torch.matmul(qc, mT(kc)).tril_()
+    Z = torch.matmul(mT(QK * D), do_c)  # chunk n becomes Z_n in the loop
+    dS_next = torch.empty_like(states)
+    for n in range(N - 1, -1, -1):
+        dS_next[:, n] = dS
+        z = torch.bmm(mT(X[:, n]), torch.baddbmm(Z[:, n], kg[:, n], dS, beta=scale))
+        Z[:, n] = z
+        dS = torch.baddbmm(dS * a[:, n, -1, None, None], mT(qa[:, n]), do_c[:, n], alpha=scale)
+        dS.baddbmm_(mT(ka[:, n]), z * bc[:, n].unsqueeze(-1), alpha=-1)
+
+    dPD = torch.matmul(do_c, mT(Ud)).mul_(D)  # d(tril(Q K^T) * D), unscaled, times D
+    dOS = torch.matmul(do_c, mT(states))
+    dq = addmm_(dOS * a_, dPD, kc).mul_(scale)
+    UdS = torch.matmul(Ud, mT(dS_next))
+    dk = addmm_(UdS * g_, mT(dPD), qc, alpha=scale)
+    # dA = -tril(Z U'^T, -1) for A = diag(b) (K K^T * D); M collects the terms of dK and dbeta that are
+    # multiplied by b and K: dK -= diag(b) M + (diag(b) (-dA) * D)^T K, dbeta = rowsum(Z V) - rowsum(K M).
+    negdA = torch.matmul(Z, mT(Ud)).tril_(-1)
+    ZS = torch.matmul(Z, mT(states))
+    negdA_D = negdA * D
+    M = addmm_(ZS * a_, negdA_D, kc)
+    dk.addcmul_(M, b, value=-1)
+    addmm_(dk, mT(negdA_D.mul_(b)), kc, alpha=-1)
+    dbeta = (Z * vc).sum(-1).sub_((kc * M).sum(-1))
+    # Gradient w.r.t. the decay factors: of a through (a Q) S_n and (a K) S_n, of D through both triangular
+    # products (dD * D = dPD * Q K^T * scale + dA * A), of gamma through the state's write.
+    da = scale * (qc * dOS).sum(-1) - bc * (kc * ZS).sum(-1)
+    A = torch.matmul(kc, mT(kc)).mul_(D).mul_(b).tril_(-1)
+    H = dPD.mul_(QK).mul_(scale).sub_(negdA.mul_(A))
+    dg = _log_decay_grad(a, da, H, gamma, (kc * UdS).sum(-1), states, dS_next)
+    return dq, dk, Z.mul_(b), dbeta, dg, dS
