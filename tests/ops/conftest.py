@@ -13,7 +13,7 @@ OPS = {"delta_rule": delta_rule, "sum_rule": sum_rule}
 class OpCase:
     """One op's inputs and a uniform way to call any of its forms (``beta`` only for the delta rule)."""
 
-    def __init__(self, op: str, B: int, H: int, L: int, Dk: int, Dv: int, *, dtype=torch.float64, seed=0):
+    def __init__(self, op: str, B: int, H: int, L: int, Dk: int, Dv: int, *, dtype=torch.float64, seed=0, decay=None):
         g = torch.Generator().manual_seed(seed)
         self.op = op
         self.q = torch.randn(B, H, L, Dk, generator=g, dtype=torch.float64).to(dtype)
@@ -25,6 +25,8 @@ class OpCase:
         self.s0 = torch.randn(B, H, Dk, Dv, generator=g, dtype=torch.float64)
         self.grad_o = torch.randn(B, H, L, Dv, generator=g, dtype=torch.float64)
         self.grad_s = torch.randn(B, H, Dk, Dv, generator=g, dtype=torch.float64)
+        # decay = d: log-decays g uniform in [-d, 0] (0: g = 0, no decay but the decay's code path); None: no g
+        self.g = None if decay is None else -decay * torch.rand(B, H, L, generator=g, dtype=torch.float64)
 
     def inputs(self) -> list[torch.Tensor]:
         names = ["q", "k", "v", "beta"] if self.op == "delta_rule" else ["q", "k", "v"]
@@ -33,15 +35,20 @@ class OpCase:
     def call(self, fn=None, inputs=None, **kwargs):
         """Call ``fn`` (default: the public op) with this case's tensors (or ``inputs``) as positionals."""
         fn = OPS[self.op] if fn is None else fn
+        if self.g is not None:
+            kwargs.setdefault("g", self.g)
         return fn(*(self.inputs() if inputs is None else inputs), **kwargs)
 
     def outputs_and_grads(self, fn=None, *, initial_state=True, **kwargs) -> list[torch.Tensor]:
-        """``[o, final_state, d inputs..., d initial_state]`` under random upstream gradients for o and S."""
+        """``[o, final_state, d inputs..., (dg,) d initial_state]`` under random upstream gradients for o and S."""
         leaves = [x.detach().clone().requires_grad_() for x in self.inputs()]
         s0 = self.s0.clone().requires_grad_() if initial_state else None
+        g = None if self.g is None else self.g.clone().requires_grad_()
+        if g is not None:
+            kwargs["g"] = g
         o, S = self.call(fn, leaves, initial_state=s0, output_final_state=True, **kwargs)
         loss = (o.double() * self.grad_o).sum() + (S.double() * self.grad_s).sum()
-        wrt = leaves + ([s0] if initial_state else [])
+        wrt = leaves + ([g] if g is not None else []) + ([s0] if initial_state else [])
         return [o, S, *torch.autograd.grad(loss, wrt)]
 
 

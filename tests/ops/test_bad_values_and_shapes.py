@@ -2,8 +2,9 @@
 
 The recurrent form is the spec: every other form must give its finite/non-finite pattern exactly (outputs,
 final state and every gradient) and, where finite, its values (float64). What the spec keeps finite is
-written down in ``test_recurrent_form_before_the_bad_token`` and in ``lmtool/ops/README.md``. The ops take no
-log-decay ``g`` yet, so every case here is the ``g=None`` one. The CUDA kernels' share of these checks (under
+written down in ``test_recurrent_form_before_the_bad_token`` and in ``lmtool/ops/README.md``. Every case here is
+the ``g=None`` one; with a log-decay ``g`` the chunk forms recompute through the recurrent form when a value is
+not finite (``test_decay.py``). The CUDA kernels' share of these checks (under
 the CPU emulation) is in ``test_cuda.py``.
 """
 
