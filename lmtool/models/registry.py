@@ -13,9 +13,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from lmtool.layers.attention import TransformerConfig, build_transformer
+from lmtool.layers.deep_fwp import DeltaDelta, DeltaMLPConfig, build_delta_mlp
 from lmtool.layers.fast_weight import FastWeightModelConfig, build_fast_weight, validate_fast_weight_config
+from lmtool.layers.lstm import LSTMConfig, build_lstm, check_lstm
 from lmtool.layers.mixer import ModelConfig, TokenMixer
+from lmtool.layers.recurrent_fwp import (
+    DeltaLSTM,
+    DeltaRNN,
+    RecurrentDeltaNet,
+    RecurrentFWPConfig,
+    builder,
+    check_recurrent_fwp,
+)
 from lmtool.layers.relative_attention import TransformerXLConfig, build_transformer_xl, check_transformer_xl
+from lmtool.layers.srwm import SRWMConfig, build_srwm, check_srwm
 
 # model keys that never change what a checkpoint's weights mean: free to differ on resume or evaluation
 RUNTIME_KEYS = ("dropout", "dropatt", "init_std", "proj_init_std", "carry_over")
@@ -59,3 +70,10 @@ register(ModelFamily("transformer_xl", TransformerXLConfig, build_transformer_xl
                      check=check_transformer_xl))  # fmt: skip
 register(ModelFamily("fwm", FastWeightModelConfig, build_fast_weight, ("update_rule", "feature_map"),
                      check=validate_fast_weight_config))  # fmt: skip
+register(ModelFamily("delta_mlp", DeltaMLPConfig, build_delta_mlp, check=check_recurrent_fwp))
+register(ModelFamily("delta_delta", RecurrentFWPConfig, builder(DeltaDelta), check=check_recurrent_fwp))
+register(ModelFamily("delta_rnn", RecurrentFWPConfig, builder(DeltaRNN), check=check_recurrent_fwp))
+register(ModelFamily("delta_lstm", RecurrentFWPConfig, builder(DeltaLSTM), check=check_recurrent_fwp))
+register(ModelFamily("rec_delta", RecurrentFWPConfig, builder(RecurrentDeltaNet), check=check_recurrent_fwp))
+register(ModelFamily("srwm", SRWMConfig, build_srwm, check=check_srwm))
+register(ModelFamily("lstm", LSTMConfig, build_lstm, check=check_lstm))
