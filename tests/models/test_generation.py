@@ -52,6 +52,12 @@ CASES = {
     "transformer-memory": (("model=transformer", "model.mem_len=6"), Context("memory", 4)),
     "xl-memory": (("model=transformer_xl", "model.mem_len=6"), Context("memory", 4)),
     "xl-memory-preLN": (("model=transformer_xl", "model.mem_len=6", "model.pre_lnorm=true"), Context("memory", 3)),
+    # recurrent fast weight programmers, the SRWM and the LSTM: their whole state (fast matrices, recurrent output,
+    # cell) carried token by token
+    **{f"{name}-carried": ((f"model={name}", *CARRIED), Context("unbounded"))
+       for name in ("delta_mlp", "delta_delta", "delta_rnn", "delta_lstm", "rec_delta", "srwm", "lstm")},
+    "delta_mlp-depth2-window": (("model=delta_mlp", "model.fast_net_depth=2"), Context("window", 8)),
+    "delta_lstm-preLN-window": (("model=delta_lstm", "model.pre_lnorm=true"), Context("window", 8)),
 }
 
 
