@@ -25,6 +25,7 @@ class UpdateRuleConfig:
     normalized_retrieval: bool = False  # delta rule reads the old value with the normaliser, as in the original toolkit
     n_householder: int = 1  # delta_product: Householder (delta) steps per token (DeltaProduct, arXiv 2502.10297)
     allow_neg_eigval: bool = False  # delta rules: beta in (0, 2), so I - beta k k^T may have eigenvalue -1
+    decay: bool = False  # the state decays by a learned per-token gate (Gated DeltaNet, arXiv 2412.06464)
     eps: float = 1e-5
 
 

@@ -11,7 +11,8 @@ process with the same thread count. The reference mm has the rows' dtype on CUDA
 in fp32 anyway. Useful FLOPs are the recurrence's own, whatever a form executes: per token and head 18*Dk*Dv
 (delta rule) or 12*Dk*Dv (sum rule) for forward+backward, a third of that for forward only. On a shared machine
 the matmul peak is re-measured right before every timed repeat and each row is compared with the median of the
-peaks taken during that row.
+peaks taken during that row. An op name with "+g" (``--ops delta_rule,delta_rule+g``) passes a per-token
+log-decay g (float32, Gated DeltaNet's range) to the same op; its useful FLOPs are those of the op.
 """
 
 from __future__ import annotations
@@ -120,7 +121,17 @@ def cpu_name() -> str:
     return platform.processor() or "cpu"
 
 
+def base_op(op: str) -> tuple[str, bool]:
+    """``"delta_rule+g"`` -> ``("delta_rule", True)``: the op and whether it gets a log-decay g."""
+    name, decay = op.removesuffix("+g"), op.endswith("+g")
+    if name not in OPS:
+        raise SystemExit(f"unknown op {op!r}; choose from {', '.join(OPS)}, each optionally with '+g'")
+    return name, decay
+
+
 def make_inputs(op: str, shape, dtype, device, requires_grad: bool):
+    """The op's positional inputs, its keyword inputs ({"g": ...} for a "+g" op) and an upstream gradient."""
+    op, decay = base_op(op)
     B, H, L, Dk, Dv = shape
     g = torch.Generator(device="cpu").manual_seed(0)
 
@@ -136,13 +147,17 @@ def make_inputs(op: str, shape, dtype, device, requires_grad: bool):
         beta = torch.sigmoid(torch.randn(B, H, L, generator=g)).to(device=device, dtype=dtype)
         inputs.append(beta.requires_grad_(requires_grad))
     grad_o = torch.randn(B, H, L, Dv, generator=g).to(device=device, dtype=dtype)
-    return inputs, grad_o
+    keywords = {}
+    if decay:  # alpha = exp(g) spread over (0.5, 1), like a trained Gated DeltaNet's gate
+        log_decay = torch.log(0.5 + 0.5 * torch.rand(B, H, L, generator=g)).to(device=device)
+        keywords["g"] = log_decay.requires_grad_(requires_grad)
+    return inputs, keywords, grad_o
 
 
 def forms(op: str, device: torch.device, impls: list[str] | None, chunk_sizes: list[int]):
     """(label, callable) for every requested form; chunk sizes other than the default are extra rows."""
-    public, chunk_fn, _ = OPS[op]
-    names = available_impls(op, device) if impls is None else impls
+    public, chunk_fn, _ = OPS[base_op(op)[0]]
+    names = available_impls(base_op(op)[0], device) if impls is None else impls
     out = []
     for name in names:
         if name == "chunk" and chunk_sizes:
@@ -157,17 +172,17 @@ def bench_row(op, label, fn, shape, dtype_name, mode, args, peak: MatmulPeak) ->
     device = torch.device(args.device)
     dtype = DTYPES[dtype_name]
     backward = mode == "fwd+bwd"
-    inputs, grad_o = make_inputs(op, shape, dtype, device, requires_grad=backward)
+    inputs, keywords, grad_o = make_inputs(op, shape, dtype, device, requires_grad=backward)
 
     def step():
         if backward:
-            o, _ = fn(*inputs)
+            o, _ = fn(*inputs, **keywords)
             o.backward(grad_o)
-            for x in inputs:
+            for x in [*inputs, *keywords.values()]:
                 x.grad = None
         else:
             with torch.no_grad():
-                fn(*inputs)
+                fn(*inputs, **keywords)
 
     step()  # warm-up
     times, peaks = [], []
@@ -177,7 +192,7 @@ def bench_row(op, label, fn, shape, dtype_name, mode, args, peak: MatmulPeak) ->
         times.append(timed(step, device))
     memory = peak_memory_bytes(step, device)
     B, H, L, Dk, Dv = shape
-    useful = OPS[op][2] * B * H * L * Dk * Dv / (1 if backward else 3)
+    useful = OPS[base_op(op)[0]][2] * B * H * L * Dk * Dv / (1 if backward else 3)
     ms = statistics.median(times)
     mm_peak = statistics.median(peaks)
     return {
@@ -203,7 +218,7 @@ def bench_row(op, label, fn, shape, dtype_name, mode, args, peak: MatmulPeak) ->
 
 def format_table(rows: list[dict]) -> str:
     head = (
-        f"{'op':<10} {'impl':<12} {'shape B,H,L,Dk,Dv':<20} {'dtype':<5} {'mode':<7} {'ms':>9} "
+        f"{'op':<12} {'impl':<12} {'shape B,H,L,Dk,Dv':<20} {'dtype':<5} {'mode':<7} {'ms':>9} "
         f"{'tokens/s':>10} {'mem MB':>8} {'GFLOP/s':>8} {'mm peak':>8} {'% peak':>7}"
     )
     lines = [head, "-" * len(head)]
@@ -211,7 +226,7 @@ def format_table(rows: list[dict]) -> str:
         shape = f"{r['B']},{r['H']},{r['L']},{r['Dk']},{r['Dv']}"
         mem = "n/a" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.1f}"
         lines.append(
-            f"{r['op']:<10} {r['impl']:<12} {shape:<20} {r['dtype']:<5} {r['mode']:<7} "
+            f"{r['op']:<12} {r['impl']:<12} {shape:<20} {r['dtype']:<5} {r['mode']:<7} "
             f"{r['ms_median']:>9.2f} {r['tokens_per_s']:>10.0f} {mem:>8} {r['useful_gflops']:>8.2f} "
             f"{r['matmul_peak_gflops']:>8.1f} {r['pct_of_matmul_peak']:>6.1f}%"
         )
@@ -224,7 +239,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (CPU); default 1")
     p.add_argument("--grid", choices=sorted(GRIDS), default="default")
     p.add_argument("--impls", help="comma-separated forms (default: every form available on the device)")
-    p.add_argument("--ops", default="delta_rule,sum_rule")
+    p.add_argument("--ops", default="delta_rule,sum_rule", help="e.g. delta_rule,delta_rule+g ('+g': with a decay)")
     p.add_argument("--dtypes", help="comma-separated subset of fp32,bf16,fp16 (default: the grid's)")
     p.add_argument("--modes", default="fwd+bwd,fwd")
     p.add_argument("--chunk-sizes", default="", help="e.g. 32,64,128: one chunk row per size")

@@ -18,11 +18,15 @@ from torch import nn
 
 from lmtool.layers.feature_maps import FEATURE_MAPS, make_feature_map
 from lmtool.layers.mixer import ModelConfig, TokenMixer, check_layer_args
-from lmtool.layers.modern import RMSNorm, ShortConvolution
+from lmtool.layers.modern import DecayGate, RMSNorm, ShortConvolution
 from lmtool.ops import available_impls, delta_rule, sum_rule
 
 UPDATE_RULES = ("sum", "delta", "delta_product")
 QK_NORMS = ("sum", "l2", "none")
+DECAY_WITH_NORMALISER = (
+    "a decaying state needs attn_norm=false and normalized_retrieval=false (their key sum z does not decay); "
+    "use qk_norm=l2 as Gated DeltaNet does"
+)
 
 
 @dataclass
@@ -62,7 +66,8 @@ class FastWeightAttention(TokenMixer):
         o_t = S_t^T phi_q_t / sqrt(d_head)
         z_t = z_0 + sum_{j<=t} phi_k_j;  o_t <- o_t / (z_t . phi_q_t + eps)     if `attn_norm`
         y = dropout(W_o concat_h o)
-    Residual and LayerNorm live in the block.
+    Residual and LayerNorm live in the block. With `decay` (Gated DeltaNet, arXiv 2412.06464, and the gated sum
+    rule) the state first decays by alpha_t = exp(g_t) at every token, g_t from a `DecayGate` of x_t.
 
     Scale and normaliser: as in the paper's code, 1/sqrt(d_head) scales the read-out, i.e. the numerator
     only (it is passed to the op as its output scale), while the normaliser uses the unscaled phi_q. Folding
@@ -105,6 +110,7 @@ class FastWeightAttention(TokenMixer):
         short_conv: int = 0,
         head_norm: bool = False,
         output_gate: bool = False,
+        decay: bool = False,
     ) -> None:
         super().__init__()
         check_layer_args("FastWeightAttention", sizes={"d_model": d_model, "n_head": n_head, "d_head": d_head},
@@ -134,6 +140,8 @@ class FastWeightAttention(TokenMixer):
             raise ValueError("allow_neg_eigval sets beta in (0, 2): it needs a delta rule (delta, delta_product)")
         if short_conv < 0:
             raise ValueError(f"short_conv is a kernel size (0 = off), got {short_conv}")
+        if decay and (attn_norm or normalized_retrieval):
+            raise ValueError(DECAY_WITH_NORMALISER)
         if normalized_retrieval and not nonnegative:
             raise ValueError(
                 "normalized_retrieval divides by z . phi(k) and needs a non-negative feature map "
@@ -153,6 +161,7 @@ class FastWeightAttention(TokenMixer):
         self.conv = ShortConvolution(self.qkv.out_features, short_conv) if short_conv > 0 else None
         self.head_norm = RMSNorm(d_head) if head_norm else None
         self.gate = nn.Linear(d_model, width, bias=False) if output_gate else None
+        self.decay_gate = DecayGate(d_model, n_head) if decay else None
         self.out = nn.Linear(width, d_model, bias=False)
         self.drop = nn.Dropout(dropout)
 
@@ -166,7 +175,8 @@ class FastWeightAttention(TokenMixer):
             f"n_head={self.n_head}, d_head={self.d_head}, d_dot={self.d_dot}, "
             f"update_rule={self.update_rule}, qk_norm={self.qk_norm}, attn_norm={self.attn_norm}, "
             f"normalized_retrieval={self.normalized_retrieval}, impl={self.impl}, "
-            f"n_householder={self.n_householder}, allow_neg_eigval={self.allow_neg_eigval}"
+            f"n_householder={self.n_householder}, allow_neg_eigval={self.allow_neg_eigval}, "
+            f"decay={self.decay_gate is not None}"
         )
 
     def _normalize(self, phi: torch.Tensor) -> torch.Tensor:
@@ -214,6 +224,17 @@ class FastWeightAttention(TokenMixer):
             beta = 2 * beta if self.allow_neg_eigval else beta  # eigenvalues of I - beta k k^T in (-1, 1]
         return q, k, v, beta
 
+    def _log_decay(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        """g `[B, H, L n_h]`: each token's log-decay on its first sub-step, 0 on the others (None without decay)."""
+        if self.decay_gate is None:
+            return None
+        g = self.decay_gate(x, dtype)
+        n = self.n_householder
+        if n == 1:
+            return g
+        B, H, L = g.shape
+        return torch.cat([g.unsqueeze(-1), g.new_zeros(B, H, L, n - 1)], dim=-1).view(B, H, L * n)
+
     def _read_at_last_substep(self, phi_q: torch.Tensor) -> torch.Tensor:
         """phi_q `[B, H, L, d]` placed at each token's last sub-step, zeros at the others."""
         n = self.n_householder
@@ -236,6 +257,7 @@ class FastWeightAttention(TokenMixer):
         impl = "recurrent" if L == 1 and self.impl == "auto" else self.impl
         with torch.autocast(x.device.type, enabled=False):
             q, k, v, beta = self._substeps(proj, x, dtype)
+            g = self._log_decay(x, dtype)
             # one call for q and k so that a random feature map uses one projection for both
             phi_q, phi_k = self._normalize(self.feature_map(torch.cat([q, k], dim=2))).split([L, L * n], dim=2)
             phi_q = self._read_at_last_substep(phi_q)
@@ -243,7 +265,7 @@ class FastWeightAttention(TokenMixer):
             z = None if z0 is None else z0.unsqueeze(2) + torch.cumsum(phi_k, dim=2)  # z_t, [B, H, L n, d_dot]
             if self.update_rule == "sum":
                 o, S = sum_rule(
-                    phi_q, phi_k, v, scale=self.scale, initial_state=S0,
+                    phi_q, phi_k, v, g=g, scale=self.scale, initial_state=S0,
                     output_final_state=return_state, impl=impl,
                 )  # fmt: skip
             else:
@@ -252,7 +274,7 @@ class FastWeightAttention(TokenMixer):
                     d = (z_prev * phi_k).sum(-1).clamp_min(0.0) + self.eps  # [B, H, L n]
                     beta, v = beta / d, v * d.unsqueeze(-1)
                 o, S = delta_rule(
-                    phi_q, phi_k, v, beta, scale=self.scale, initial_state=S0,
+                    phi_q, phi_k, v, beta, g=g, scale=self.scale, initial_state=S0,
                     output_final_state=return_state, impl=impl,
                 )  # fmt: skip
             if self.attn_norm:
@@ -294,6 +316,8 @@ def validate_fast_weight_config(cfg: Any) -> str | None:
         return "update_rule.allow_neg_eigval=true needs a delta rule (update_rule=delta or delta_product)"
     if model.short_conv < 0:
         return f"model.short_conv is a kernel size (0 = off), got {model.short_conv}"
+    if rule.decay and (rule.attn_norm or rule.normalized_retrieval):
+        return "update_rule.decay=true: " + DECAY_WITH_NORMALISER
     if model.carry_over and model.pos_emb:
         return (
             "model.carry_over=true needs model.pos_emb=false: absolute positions would grow without bound "
@@ -315,7 +339,7 @@ def build_fast_weight(cfg: Any) -> Callable[[int], TokenMixer]:
             m.d_model, m.n_head, m.d_head, m.dropout, update_rule=rule.name, feature_map=phi,
             qk_norm=rule.qk_norm, attn_norm=rule.attn_norm, normalized_retrieval=rule.normalized_retrieval,
             eps=rule.eps, impl=rule.impl, n_householder=rule.n_householder, allow_neg_eigval=rule.allow_neg_eigval,
-            short_conv=m.short_conv, head_norm=m.head_norm, output_gate=m.output_gate,
+            short_conv=m.short_conv, head_norm=m.head_norm, output_gate=m.output_gate, decay=rule.decay,
         )  # fmt: skip
 
     return make

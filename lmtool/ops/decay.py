@@ -152,13 +152,13 @@ def _sum_forward(qc, kc, vc, gc, s0, scale):
     G, N, C, Dk = qc.shape
     Dv = vc.shape[-1]
     a, D, gamma = decay_factors(gc)
-    kg = kc * gamma.unsqueeze(-1)
+    g_ = gamma.unsqueeze(-1)
     states = qc.new_empty(G, N, Dk, Dv)
     S = _initial(qc, Dv, s0)
     for n in range(N):
         states[:, n] = S
-        S = torch.baddbmm(S * a[:, n, -1, None, None], mT(kg[:, n]), vc[:, n])
-    o = torch.matmul(qc * a.unsqueeze(-1), states)
+        S = torch.baddbmm(S * a[:, n, -1, None, None], mT(kc[:, n] * g_[:, n]), vc[:, n])
+    o = torch.matmul(qc, states).mul_(a.unsqueeze(-1))  # (a Q) S_n, the row scale applied to the product
     addmm_(o, torch.matmul(qc, mT(kc)).mul_(D), vc, beta=scale, alpha=scale)
     return o, S, (states,)
 
@@ -167,22 +167,22 @@ def _sum_backward(qc, kc, vc, gc, states, do_c, dS, scale):
     """``(dq, dk, dv, dg, dS_0)`` in chunks (derivation: ``lmtool/ops/README.md``, "Decay")."""
     G, N, C, Dk = qc.shape
     a, D, gamma = decay_factors(gc)
-    qa = qc * a.unsqueeze(-1)
+    a_, g_ = a.unsqueeze(-1), gamma.unsqueeze(-1)
     dS_next = torch.empty_like(states)
     for n in range(N - 1, -1, -1):
         dS_next[:, n] = dS
-        dS = torch.baddbmm(dS * a[:, n, -1, None, None], mT(qa[:, n]), do_c[:, n], alpha=scale)
+        dS = torch.baddbmm(dS * a[:, n, -1, None, None], mT(qc[:, n] * a_[:, n]), do_c[:, n], alpha=scale)
 
     QK = torch.matmul(qc, mT(kc)).tril_()
     dPD = torch.matmul(do_c, mT(vc)).mul_(D)  # d(tril(Q K^T) * D), unscaled, times D
     dOS = torch.matmul(do_c, mT(states))
-    dq = addmm_(dOS * a.unsqueeze(-1), dPD, kc).mul_(scale)
+    da = torch.linalg.vecdot(qc, dOS).mul_(scale)
+    dq = addmm_(dOS.mul_(a_), dPD, kc).mul_(scale)
     VdS = torch.matmul(vc, mT(dS_next))
-    dk = addmm_(VdS * gamma.unsqueeze(-1), mT(dPD), qc, alpha=scale)
-    dv = addmm_(torch.matmul(kc * gamma.unsqueeze(-1), dS_next), mT(QK.mul(D)), do_c, alpha=scale)
-    dg = _log_decay_grad(
-        a, scale * (qc * dOS).sum(-1), dPD.mul_(QK).mul_(scale), gamma, (kc * VdS).sum(-1), states, dS_next
-    )
+    dgamma = torch.linalg.vecdot(kc, VdS)
+    dk = addmm_(VdS.mul_(g_), mT(dPD), qc, alpha=scale)
+    dv = addmm_(torch.matmul(kc, dS_next).mul_(g_), mT(QK * D), do_c, alpha=scale)
+    dg = _log_decay_grad(a, da, dPD.mul_(QK).mul_(scale), gamma, dgamma, states, dS_next)
     return dq, dk, dv, dg, dS
 
 
@@ -197,16 +197,16 @@ def _delta_forward(qc, kc, vc, bc, gc, s0, scale):
     eye = torch.eye(C, dtype=qc.dtype, device=qc.device).expand_as(A)
     X = torch.linalg.solve_triangular(A, eye, upper=False, unitriangular=True)
     T = torch.mul(X, bc.unsqueeze(-2), out=A)
-    W = torch.matmul(T, kc * a.unsqueeze(-1))
     Ud = torch.matmul(T, vc)  # U, turned into U' in place below
-    kg = kc * gamma.unsqueeze(-1)
+    W = torch.matmul(T.mul_(a.unsqueeze(-2)), kc)  # X diag(b) diag(a) K: a on T's columns, not on K's rows
+    g_ = gamma.unsqueeze(-1)
     states = qc.new_empty(G, N, Dk, Dv)
     S = _initial(qc, Dv, s0)
     for n in range(N):
         states[:, n] = S
         u = Ud[:, n].sub_(torch.bmm(W[:, n], S))
-        S = torch.baddbmm(S * a[:, n, -1, None, None], mT(kg[:, n]), u)
-    o = torch.matmul(qc * a.unsqueeze(-1), states)
+        S = torch.baddbmm(S * a[:, n, -1, None, None], mT(kc[:, n] * g_[:, n]), u)
+    o = torch.matmul(qc, states).mul_(a.unsqueeze(-1))
     addmm_(o, torch.matmul(qc, mT(kc), out=T).mul_(D), Ud, beta=scale, alpha=scale)
     return o, S, (X, Ud, states)
 
@@ -217,39 +217,42 @@ def _delta_backward(qc, kc, vc, bc, gc, X, Ud, states, do_c, dS, scale):
     Reverse pass over chunks, with ``Z = X^T dU'``:
         dU'_n = scale (tril(Q K^T) * D)^T dO_n + (gamma K_n) dS_{n+1}
         dS_n  = a_C dS_{n+1} + scale (a Q_n)^T dO_n - (a K_n)^T diag(b) Z_n
+    The decay factors scale rows per chunk inside the loop and in place afterwards: on CPU a fresh full-size
+    temporary costs about as much as the multiplication itself.
     """
     G, N, C, Dk = qc.shape
     a, D, gamma = decay_factors(gc)
     b, a_, g_ = bc.unsqueeze(-1), a.unsqueeze(-1), gamma.unsqueeze(-1)
-    qa, ka, kg = qc * a_, kc * a_, kc * g_
     QK = torch.matmul(qc, mT(kc)).tril_()
     Z = torch.matmul(mT(QK * D), do_c)  # chunk n becomes Z_n in the loop
     dS_next = torch.empty_like(states)
     for n in range(N - 1, -1, -1):
         dS_next[:, n] = dS
-        z = torch.bmm(mT(X[:, n]), torch.baddbmm(Z[:, n], kg[:, n], dS, beta=scale))
+        z = torch.bmm(mT(X[:, n]), torch.baddbmm(Z[:, n], kc[:, n] * g_[:, n], dS, beta=scale))
         Z[:, n] = z
-        dS = torch.baddbmm(dS * a[:, n, -1, None, None], mT(qa[:, n]), do_c[:, n], alpha=scale)
-        dS.baddbmm_(mT(ka[:, n]), z * bc[:, n].unsqueeze(-1), alpha=-1)
+        dS = torch.baddbmm(dS * a[:, n, -1, None, None], mT(qc[:, n] * a_[:, n]), do_c[:, n], alpha=scale)
+        dS.baddbmm_(mT(kc[:, n]), z.mul_(b[:, n] * a_[:, n]), alpha=-1)  # z was copied: scale it in place
 
     dPD = torch.matmul(do_c, mT(Ud)).mul_(D)  # d(tril(Q K^T) * D), unscaled, times D
     dOS = torch.matmul(do_c, mT(states))
-    dq = addmm_(dOS * a_, dPD, kc).mul_(scale)
+    da = torch.linalg.vecdot(qc, dOS).mul_(scale)
+    dq = addmm_(dOS.mul_(a_), dPD, kc).mul_(scale)
     UdS = torch.matmul(Ud, mT(dS_next))
-    dk = addmm_(UdS * g_, mT(dPD), qc, alpha=scale)
+    dgamma = torch.linalg.vecdot(kc, UdS)
+    dk = addmm_(UdS.mul_(g_), mT(dPD), qc, alpha=scale)
     # dA = -tril(Z U'^T, -1) for A = diag(b) (K K^T * D); M collects the terms of dK and dbeta that are
     # multiplied by b and K: dK -= diag(b) M + (diag(b) (-dA) * D)^T K, dbeta = rowsum(Z V) - rowsum(K M).
     negdA = torch.matmul(Z, mT(Ud)).tril_(-1)
     ZS = torch.matmul(Z, mT(states))
+    da.sub_(torch.linalg.vecdot(kc, ZS).mul_(bc))
     negdA_D = negdA * D
-    M = addmm_(ZS * a_, negdA_D, kc)
+    M = addmm_(ZS.mul_(a_), negdA_D, kc)
     dk.addcmul_(M, b, value=-1)
     addmm_(dk, mT(negdA_D.mul_(b)), kc, alpha=-1)
-    dbeta = (Z * vc).sum(-1).sub_((kc * M).sum(-1))
+    dbeta = torch.linalg.vecdot(Z, vc).sub_(torch.linalg.vecdot(kc, M))
     # Gradient w.r.t. the decay factors: of a through (a Q) S_n and (a K) S_n, of D through both triangular
     # products (dD * D = dPD * Q K^T * scale + dA * A), of gamma through the state's write.
-    da = scale * (qc * dOS).sum(-1) - bc * (kc * ZS).sum(-1)
     A = torch.matmul(kc, mT(kc)).mul_(D).mul_(b).tril_(-1)
     H = dPD.mul_(QK).mul_(scale).sub_(negdA.mul_(A))
-    dg = _log_decay_grad(a, da, H, gamma, (kc * UdS).sum(-1), states, dS_next)
+    dg = _log_decay_grad(a, da, H, gamma, dgamma, states, dS_next)
     return dq, dk, Z.mul_(b), dbeta, dg, dS

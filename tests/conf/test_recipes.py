@@ -38,6 +38,12 @@ PARAMETERS = {
     "wt103_medium_delta_favor": 89_866_202,
     "wt103_medium_delta_dpfp": 89_866_202,
     "wt103_medium_delta_elu_carry": 89_866_202,
+    # lmtool's own modern recipes: DeltaNet's layer adds the output gate, short convolution, head norm (and decay
+    # gate, or a second key/value/beta per token for DeltaProduct) to the same sizes
+    "wt103_small_gated_deltanet": 44_338_394,
+    "wt103_small_delta_product": 44_878_810,
+    "wt103_medium_gated_deltanet": 90_997_466,
+    "wt103_medium_delta_product": 93_127_130,
 }
 RECIPES = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("wt103_*.yaml"))
 SETTINGS = {"small": (128, 16, 256, 96, 500_000), "medium": (256, 32, 384, 56, 400_000)}
@@ -49,6 +55,10 @@ FAST_WEIGHTS = {  # recipe model -> (update rule, feature map)
     "delta_favor": ("delta", "favor"),
     "delta_dpfp": ("delta", "dpfp"),
     "delta_elu_carry": ("delta", "elu"),
+}
+MODERN = {  # recipe model -> (update rule, decay, Householder steps): DeltaNet's layer, no positions
+    "gated_deltanet": ("delta", True, 1),
+    "delta_product": ("delta_product", False, 2),
 }
 
 
@@ -71,7 +81,8 @@ def test_recipe_builds_the_paper_size(recipe):
         model = build_model(cfg, WT103_VOCAB)
     n_params = sum(p.numel() for p in model.parameters())
     assert n_params == PARAMETERS[recipe]
-    if "transformer_xl" not in recipe:  # Transformer-XL adds 0.26M (small) / 1.05M (medium) for r_net
+    if "transformer_xl" not in recipe and setting_and_model(recipe)[1] not in MODERN:
+        # Transformer-XL adds 0.26M (small) / 1.05M (medium) for r_net
         assert abs(n_params - (44.0e6 if "_small_" in recipe else 89.85e6)) < 0.05e6
 
 
@@ -93,7 +104,7 @@ def test_recipe_follows_the_original_settings(recipe):
         assert (t.max_steps, cfg.scheduler.warmup_steps) == (max_steps, 2000)
     assert m.get("mem_len", 0) == (tgt_len if model == "transformer_xl" else 0)
     assert m.carry_over == (model == "delta_elu_carry")
-    assert m.pos_emb == (model not in ("transformer_xl", "delta_elu_carry"))
+    assert m.pos_emb == (model not in ("transformer_xl", "delta_elu_carry", *MODERN))
     assert m.name == (model if model in ("transformer", "transformer_xl") else "fwm")
     if model in FAST_WEIGHTS:
         assert (cfg.update_rule.name, cfg.feature_map.name) == FAST_WEIGHTS[model]
@@ -102,6 +113,11 @@ def test_recipe_follows_the_original_settings(recipe):
             assert cfg.feature_map.n_features == 16  # m, the original toolkit's performer_proj_dim
         if cfg.feature_map.name == "dpfp":
             assert cfg.feature_map.nu == (1 if setting == "small" else 2)  # Table 5; original toolkit: dpfp_n_roll
+    if model in MODERN:
+        rule = cfg.update_rule
+        assert (rule.name, rule.decay, rule.n_householder) == MODERN[model]
+        assert (rule.qk_norm, rule.attn_norm, cfg.feature_map.name) == ("l2", False, "identity")
+        assert (m.short_conv, m.head_norm, m.output_gate) == (4, True, True)
 
 
 @pytest.mark.parametrize("recipe", RECIPES)

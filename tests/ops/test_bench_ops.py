@@ -1,0 +1,29 @@
+"""scripts/bench_ops.py runs end to end on a tiny grid, with and without a decay, and reports sane rows."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_ops.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("bench_ops", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_ops_reports_decayed_and_plain_rows(capsys):
+    """One row per op and mode with positive times and FLOP rates; "+g" rows count the op's useful FLOPs."""
+    bench = load_script()
+    argv = ["--grid", "small", "--ops", "delta_rule,delta_rule+g,sum_rule+g", "--impls", "chunk", "--repeats", "1"]
+    bench.main([*argv, "--json", "--modes", "fwd+bwd"])
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["op"] for r in rows] == ["delta_rule", "delta_rule+g", "sum_rule+g"]
+    for r in rows:
+        assert r["ms_median"] > 0 and r["pct_of_matmul_peak"] > 0
+        flops = (18 if r["op"].startswith("delta") else 12) * r["B"] * r["H"] * r["L"] * r["Dk"] * r["Dv"]
+        assert abs(r["useful_gflops"] - flops / (r["ms_median"] / 1e3) / 1e9) <= 1e-6 * r["useful_gflops"]
