@@ -36,6 +36,9 @@ CARRIED = ("model.carry_over=true", "model.pos_emb=false")
 DELTANET = ("feature_map=identity", "update_rule.qk_norm=l2", "model.short_conv=4", "model.head_norm=true",
             "model.output_gate=true")  # fmt: skip
 PRODUCT = ("update_rule=delta_product", "feature_map=silu", "model.short_conv=3", "update_rule.allow_neg_eigval=true")
+# Gated DeltaNet's layer (DeltaNet's plus the decay gate), the gated sum rule, a decaying DeltaProduct
+GATED = ("update_rule=gated_delta", "feature_map=identity", "model.short_conv=4", "model.head_norm=true",
+         "model.output_gate=true")  # fmt: skip
 
 # (overrides, context) pairs: every family with the contexts it defines
 CASES = {
@@ -47,6 +50,10 @@ CASES = {
     "fwm-deltanet-window": (DELTANET, Context("window", 8)),
     "fwm-delta-product-carried": (PRODUCT + CARRIED, Context("unbounded")),
     "fwm-delta-product-window": (PRODUCT, Context("window", 8)),
+    "fwm-gated-deltanet-carried": (GATED + CARRIED, Context("unbounded")),
+    "fwm-gated-deltanet-window": (GATED, Context("window", 8)),
+    "fwm-gated-sum-carried": (("update_rule=gated_sum", "feature_map=identity", *CARRIED), Context("unbounded")),
+    "fwm-gated-delta-product-carried": ((*PRODUCT, "update_rule.decay=true", *CARRIED), Context("unbounded")),
     "transformer-window": (("model=transformer",), Context("window", 8)),
     "transformer-unbounded": (("model=transformer",), Context("unbounded")),
     "transformer-memory": (("model=transformer", "model.mem_len=6"), Context("memory", 4)),
