@@ -27,15 +27,14 @@ from lmtool.ops.registry import compute_dtype
 def decay_factors(gc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(a [G, N, C], D [G, N, C, C], gamma [G, N, C])`` of the module docstring from chunked log-decays ``gc``.
 
-    ``G_t - G_j`` is summed directly over the tokens between j and t (a cumulative sum down the columns of a
-    strictly lower ``g``), not taken as a difference of two long prefix sums, whose float32 rounding would be
-    relative to the whole chunk's decay.
+    The cumulative sums are taken in float64 and ``G_t - G_j`` is rounded once: in float32 a difference of two
+    prefix sums would carry the rounding of the whole chunk's decay (up to C * 20 for strong gates).
     """
     C = gc.shape[-1]
-    between = gc.unsqueeze(-1).expand(*gc.shape, C).tril(-1).cumsum(-2)  # [t, j] = sum_{j < i <= t} g_i
+    G = gc.to(torch.float64).cumsum(-1)
     upper = torch.ones(C, C, dtype=torch.bool, device=gc.device).triu_(1)
-    D = between.masked_fill_(upper, float("-inf")).exp_()
-    return gc.cumsum(-1).exp_(), D, D[..., -1, :]
+    D = (G.unsqueeze(-1) - G.unsqueeze(-2)).to(gc.dtype).masked_fill_(upper, float("-inf")).exp_()
+    return G.exp().to(gc.dtype), D, D[..., -1, :]
 
 
 def _chunk_inputs(tensors, C: int, dtype: torch.dtype):
@@ -120,8 +119,8 @@ def _reference_grads(reference, tensors, g, s0, scale, do, dsN):
 
 
 class DecayedDeltaChunk(_DecayedChunk):
-    """``apply(q, k, v, beta, g, s0, scale, C, reference) -> (o, S_final)``; saves the chunked inputs, X, U' and
-    the chunk-start states (as ``delta_rule``'s chunk form), nothing per token of size Dk x Dv."""
+    """``apply(q, k, v, beta, g, s0, scale, C, reference) -> (o, S_final)``; saves the chunked inputs, the decay
+    factors a and D, X, U' and the chunk-start states, nothing per token of size Dk x Dv."""
 
     @staticmethod
     def forward(ctx, q, k, v, beta, g, s0, scale: float, C: int, reference: Callable):
@@ -134,8 +133,8 @@ class DecayedDeltaChunk(_DecayedChunk):
 
 
 class DecayedSumChunk(_DecayedChunk):
-    """``apply(q, k, v, g, s0, scale, C, reference) -> (o, S_final)``; saves the chunked inputs and the
-    chunk-start states."""
+    """``apply(q, k, v, g, s0, scale, C, reference) -> (o, S_final)``; saves the chunked inputs, the decay factors
+    a and D and the chunk-start states."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, s0, scale: float, C: int, reference: Callable):
@@ -160,13 +159,13 @@ def _sum_forward(qc, kc, vc, gc, s0, scale):
         S = torch.baddbmm(S * a[:, n, -1, None, None], mT(kc[:, n] * g_[:, n]), vc[:, n])
     o = torch.matmul(qc, states).mul_(a.unsqueeze(-1))  # (a Q) S_n, the row scale applied to the product
     addmm_(o, torch.matmul(qc, mT(kc)).mul_(D), vc, beta=scale, alpha=scale)
-    return o, S, (states,)
+    return o, S, (a, D, states)
 
 
-def _sum_backward(qc, kc, vc, gc, states, do_c, dS, scale):
+def _sum_backward(qc, kc, vc, gc, a, D, states, do_c, dS, scale):
     """``(dq, dk, dv, dg, dS_0)`` in chunks (derivation: ``lmtool/ops/README.md``, "Decay")."""
     G, N, C, Dk = qc.shape
-    a, D, gamma = decay_factors(gc)
+    gamma = D[..., -1, :]
     a_, g_ = a.unsqueeze(-1), gamma.unsqueeze(-1)
     dS_next = torch.empty_like(states)
     for n in range(N - 1, -1, -1):
@@ -208,10 +207,10 @@ def _delta_forward(qc, kc, vc, bc, gc, s0, scale):
         S = torch.baddbmm(S * a[:, n, -1, None, None], mT(kc[:, n] * g_[:, n]), u)
     o = torch.matmul(qc, states).mul_(a.unsqueeze(-1))
     addmm_(o, torch.matmul(qc, mT(kc), out=T).mul_(D), Ud, beta=scale, alpha=scale)
-    return o, S, (X, Ud, states)
+    return o, S, (a, D, X, Ud, states)
 
 
-def _delta_backward(qc, kc, vc, bc, gc, X, Ud, states, do_c, dS, scale):
+def _delta_backward(qc, kc, vc, bc, gc, a, D, X, Ud, states, do_c, dS, scale):
     """``(dq, dk, dv, dbeta, dg, dS_0)`` in chunks (derivation: ``lmtool/ops/README.md``, "Decay").
 
     Reverse pass over chunks, with ``Z = X^T dU'``:
@@ -221,7 +220,7 @@ def _delta_backward(qc, kc, vc, bc, gc, X, Ud, states, do_c, dS, scale):
     temporary costs about as much as the multiplication itself.
     """
     G, N, C, Dk = qc.shape
-    a, D, gamma = decay_factors(gc)
+    gamma = D[..., -1, :]
     b, a_, g_ = bc.unsqueeze(-1), a.unsqueeze(-1), gamma.unsqueeze(-1)
     QK = torch.matmul(qc, mT(kc)).tril_()
     Z = torch.matmul(mT(QK * D), do_c)  # chunk n becomes Z_n in the loop

@@ -142,8 +142,8 @@ def test_decayed_chunk_saves_no_per_token_states(make_case, op):
     sizes = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
         case.call(CHUNK_FORMS[op], leaves, chunk_size=C)
-    # q, k, v, beta, g, X (L x C), U' (L x D) and one state per chunk.
-    assert sum(sizes) <= B * H * (L * (4 * D + C + 2) + (L // C) * D * D)
+    # q, k, v, beta, g, the decay factors a and D (L x C), X (L x C), U' (L x D) and one state per chunk.
+    assert sum(sizes) <= B * H * (L * (4 * D + 2 * C + 3) + (L // C) * D * D)
 
 
 @pytest.mark.parametrize("op", OPS)
