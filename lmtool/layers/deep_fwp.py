@@ -1,6 +1,6 @@
 """Deeper feed-forward fast nets: Delta MLP and Delta-Delta Net (`model=delta_mlp`, `delta_delta`).
 
-Irie, Schlag, Csordás & Schmidhuber (2021), arXiv 2106.06295, section 3.1 (docs/recurrent_fwp.md). Neither
+Irie, Schlag, Csordás & Schmidhuber (2021), arXiv 2106.06295 (docs/recurrent_fwp.md). Neither
 fast net looks at its previous output, so every fast matrix is a delta-rule op over the whole segment: the
 fast form is `lmtool.ops.delta_rule` (chunked) once per fast matrix; the reference is the step loop of the
 equations. Both keep the base class and the state conventions of `lmtool.layers.recurrent_fwp`.

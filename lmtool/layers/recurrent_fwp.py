@@ -2,7 +2,7 @@
 `delta_lstm`, `rec_delta`), and the base class shared with the deeper fast nets and the SRWM.
 
 Irie, Schlag, Csordás & Schmidhuber (2021), "Going Beyond Linear Transformers with Recurrent Fast Weight
-Programmers", NeurIPS 2021, arXiv 2106.06295, section 3 (docs/recurrent_fwp.md has the equations, the
+Programmers", NeurIPS 2021, arXiv 2106.06295 (docs/recurrent_fwp.md has the equations, the
 options and what differs from the paper's code). Per head, a slow projection of the block input x_t gives
 the fast nets' inputs; every fast matrix is written with the delta rule
     S_t = S_{t-1} + k_t (beta_t (v_t - S_{t-1}^T k_t))^T,   read out as S_t^T q_t
@@ -12,7 +12,8 @@ Each layer has two forms of the same computation: `forward_reference`, a step lo
 equations (the executable spec), and `forward`, the fast form used in training: one matmul for every slow
 projection of the segment, the feed-forward fast matrices through the chunked `lmtool.ops.delta_rule`, and
 one fused step per token for what depends on the previous output (the read of the old value and the new
-read share one batched matmul: S_t^T p = S_{t-1}^T p + u_t (k_t . p)). Tests check that both agree in float64.
+read share one batched matmul: S_t^T p = S_{t-1}^T p + u_t (k_t . p)); the per-step inputs come from one
+unbind and the outputs are stacked once (`steps`). Tests check that both forms agree in float64.
 """
 
 from __future__ import annotations
@@ -56,10 +57,13 @@ def read(S: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return torch.einsum("...kv,...k->...v", S, q)
 
 
-def time_major(x: torch.Tensor) -> torch.Tensor:
-    """`[B, G, L, D] -> [L, B G, D]` (contiguous), so that step t of a loop is one cheap index."""
-    B, G, L, D = x.shape
-    return x.permute(2, 0, 1, 3).reshape(L, B * G, D)
+def steps(*xs: torch.Tensor) -> zip:
+    """The per-step slices `[B G, D]` of tensors `[B, G, L, D]`, from one unbind each.
+
+    Indexing `x[:, :, t]` at every step (or writing outputs into a preallocated buffer) would make autograd
+    allocate and add a full-size gradient per step; one unbind (and one stack of the outputs) costs one op.
+    """
+    return zip(*(x.permute(2, 0, 1, 3).reshape(x.shape[2], -1, x.shape[3]).unbind(0) for x in xs), strict=True)
 
 
 class FastWeightProgrammer(TokenMixer):
@@ -155,7 +159,7 @@ def delta_op(q, k, v, beta, S0: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 
 class DeltaRNN(FastWeightProgrammer):
-    """Delta RNN (the paper's eq. 9-10; the original toolkit's attn_type 134), a `TokenMixer`.
+    """Delta RNN (the paper's Table 2 row; the original toolkit's attn_type 134), a `TokenMixer`.
 
     Per head, from one slow projection of x_t:
         q, k = phi(W_q x), phi(W_k x)   (phi: ELU+1, sum-normalised);  v = W_v x;  beta = sigmoid(w_b x)
@@ -196,22 +200,21 @@ class DeltaRNN(FastWeightProgrammer):
         W, R, y = state
         B, H, L, D = q.shape
         z, W = delta_op(q, k, v, b, W)  # the feed-forward part W_t q_t, chunked
-        z, kr, vr, br = time_major(z), time_major(kr), time_major(vr), time_major(br.unsqueeze(-1))
         R, y = R.reshape(B * H, D, D), y.reshape(B * H, D)
-        out = z.new_empty(L, B * H, D)
-        for t in range(L):
+        outs = []
+        for z_t, k_t, v_t, b_t in steps(z, kr, vr, br.unsqueeze(-1)):
             p = torch.softmax(y, -1)
-            old, r = torch.bmm(torch.stack([kr[t], p], 1), R).unbind(1)  # R_{t-1}^T k_r, R_{t-1}^T p
-            u = br[t] * (vr[t] - old)
-            y = z[t] + r + u * (kr[t] * p).sum(-1, keepdim=True)
-            R = torch.baddbmm(R, kr[t].unsqueeze(2), u.unsqueeze(1))
-            out[t] = y
-        out = out.view(L, B, H, D).permute(1, 2, 0, 3)
+            old, r = torch.bmm(torch.stack([k_t, p], 1), R).unbind(1)  # R_{t-1}^T k_r, R_{t-1}^T p
+            u = b_t * (v_t - old)
+            y = z_t + r + u * (k_t * p).sum(-1, keepdim=True)
+            R = torch.baddbmm(R, k_t.unsqueeze(2), u.unsqueeze(1))
+            outs.append(y)
+        out = torch.stack(outs).view(L, B, H, D).permute(1, 2, 0, 3)
         return out, (W, R.view(B, H, D, D), y.view(B, H, D))
 
 
 class DeltaLSTM(FastWeightProgrammer):
-    """Delta LSTM (the paper's eq. 11-16; the original toolkit's attn_type 254), a `TokenMixer`.
+    """Delta LSTM (the paper's Table 2 row; the original toolkit's attn_type 254), a `TokenMixer`.
 
     Three gates g in (i, u, o), each with a feed-forward fast matrix W^g and a recurrent one R^g, per head:
         q^g, k^g = phi(W_q^g x), phi(W_k^g x);  v^g = W_v^g x;  beta^g = sigmoid(w_b^g x)      (phi: ELU+1, sum-norm)
@@ -267,27 +270,25 @@ class DeltaLSTM(FastWeightProgrammer):
         B, G, L, D = q.shape
         H = self.n_head
         z, W = delta_op(q, k, v, b, W)  # the three feed-forward parts in one chunked call
-        z, kr, vr, br = time_major(z), time_major(kr), time_major(vr), time_major(br.unsqueeze(-1))
         R, y, c = R.reshape(B * G, D, D), y.reshape(B, 1, H, D), c.reshape(B, H, D)
-        out = z.new_empty(L, B, H, D)
-        for t in range(L):
+        outs = []
+        for z_t, k_t, v_t, b_t in steps(z, kr, vr, br.unsqueeze(-1)):
             p = torch.softmax(y, -1).expand(B, 3, H, D)
-            k_t = kr[t].view(B, 3, H, D)
-            old, r = torch.bmm(torch.stack([k_t, p], 3).view(B * G, 2, D), R).unbind(1)
-            u_w = br[t] * (vr[t] - old)
-            a = (z[t] + r + u_w * (kr[t] * p.reshape(B * G, D)).sum(-1, keepdim=True)).view(B, 3, H, D)
+            old, r = torch.bmm(torch.stack([k_t.view(B, 3, H, D), p], 3).view(B * G, 2, D), R).unbind(1)
+            u_w = b_t * (v_t - old)
+            a = (z_t + r + u_w * (k_t * p.reshape(B * G, D)).sum(-1, keepdim=True)).view(B, 3, H, D)
             i, u, o = a.unbind(1)
             i = torch.sigmoid(i)
             c = c + i * (u - c)
             y = torch.sigmoid(o) * c
-            R = torch.baddbmm(R, kr[t].unsqueeze(2), u_w.unsqueeze(1))
-            out[t] = y
+            R = torch.baddbmm(R, k_t.unsqueeze(2), u_w.unsqueeze(1))
+            outs.append(y)
             y = y.unsqueeze(1)
-        return out.permute(1, 2, 0, 3), (W, R.view(B, G, D, D), y.view(B, H, D), c)
+        return torch.stack(outs, 2), (W, R.view(B, G, D, D), y.view(B, H, D), c)
 
 
 class RecurrentDeltaNet(FastWeightProgrammer):
-    """Recurrent Delta Net (the paper's eq. 17-20; the original toolkit's attn_type 934), a `TokenMixer`.
+    """Recurrent Delta Net (the paper's Table 2 row; the original toolkit's attn_type 934), a `TokenMixer`.
 
     The slow net sees the previous output through slow recurrent matrices R (per head):
         h = tanh(y_{t-1})
@@ -338,20 +339,19 @@ class RecurrentDeltaNet(FastWeightProgrammer):
         B, H, L, P = proj.shape
         D = self.d_head
         # head-major [H, B, ...] inside the loop, so that the recurrent matmul is one baddbmm over heads
-        proj = proj.permute(2, 1, 0, 3).contiguous()  # [L, H, B, P]
         W = W.transpose(0, 1).reshape(H * B, D, D)
         y = y.transpose(0, 1).contiguous()  # [H, B, D]
-        out = proj.new_empty(L, H, B, D)
-        for t in range(L):
-            q, k, v, b = self._slow_step(torch.baddbmm(proj[t], torch.tanh(y), rec))
+        outs = []
+        for proj_t in proj.permute(2, 1, 0, 3).unbind(0):  # [H, B, P] per step
+            q, k, v, b = self._slow_step(torch.baddbmm(proj_t, torch.tanh(y), rec))
             old, s_q = torch.bmm(torch.stack([k, q], 2).view(H * B, 2, D), W).unbind(1)
             k, q = k.reshape(H * B, D), q.reshape(H * B, D)
             u = b.reshape(H * B, 1) * (v.reshape(H * B, D) - old)
             y = (s_q + u * (k * q).sum(-1, keepdim=True)).view(H, B, D)
             W = torch.baddbmm(W, k.unsqueeze(2), u.unsqueeze(1))
-            out[t] = y
+            outs.append(y)
         W = W.view(H, B, D, D).transpose(0, 1).contiguous()
-        return out.permute(2, 1, 0, 3), (W, y.transpose(0, 1).contiguous())
+        return torch.stack(outs).permute(2, 1, 0, 3), (W, y.transpose(0, 1).contiguous())
 
 
 def check_recurrent_fwp(cfg: Any) -> str | None:

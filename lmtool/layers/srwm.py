@@ -1,7 +1,7 @@
 """The modern self-referential weight matrix (`model=srwm`).
 
 Irie, Schlag, Csordás & Schmidhuber (2022), "A Modern Self-Referential Weight Matrix That Learns to Modify
-Itself", ICML 2022, arXiv 2202.05780, eq. 5-8 (docs/recurrent_fwp.md). One matrix per head produces its
+Itself", ICML 2022, arXiv 2202.05780 (docs/recurrent_fwp.md). One matrix per head produces its
 output, its own query, key and learning rates, and modifies itself with them.
 """
 
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lmtool.layers.mixer import ModelConfig, TokenMixer
-from lmtool.layers.recurrent_fwp import FastWeightProgrammer, State, check_recurrent_fwp, read, time_major
+from lmtool.layers.recurrent_fwp import FastWeightProgrammer, State, check_recurrent_fwp, read, steps
 
 
 @dataclass
@@ -93,19 +93,19 @@ class SelfReferentialWeightMatrix(FastWeightProgrammer):
         B, H, L, D = x.shape
         P = W0.shape[-1]
         W = (W0 + state[0]).reshape(B * H, D, P)
-        x = time_major(x)
-        out = x.new_empty(L, B * H, D)
-        r = torch.bmm(x[0].unsqueeze(1), W).squeeze(1)  # W_0^T x_0; later steps get it from the previous bmm
+        (xs,) = zip(*steps(x), strict=True)
+        r = torch.bmm(xs[0].unsqueeze(1), W).squeeze(1)  # W_0^T x_0; later steps get it from the previous bmm
+        outs = []
         for t in range(L):
             y, q, k, rate = self._split(r)
             # one matmul reads v, v_bar and the next input's projection with W_{t-1}
-            nxt = x[t + 1] if t + 1 < L else x[t]
+            nxt = xs[min(t + 1, L - 1)]
             v, v_bar, r_next = torch.bmm(torch.stack([q, k, nxt], 1), W).unbind(1)
             delta = rate * (v - v_bar)
             W = torch.baddbmm(W, k.unsqueeze(2), delta.unsqueeze(1))
             r = r_next + delta * (k * nxt).sum(-1, keepdim=True)  # W_t^T x_{t+1} = W_{t-1}^T x_{t+1} + delta (k . x)
-            out[t] = y
-        return out.view(L, B, H, D).permute(1, 2, 0, 3), ((W.view(B, H, D, P) - W0),)
+            outs.append(y)
+        return torch.stack(outs).view(L, B, H, D).permute(1, 2, 0, 3), ((W.view(B, H, D, P) - W0),)
 
 
 def build_srwm(cfg: Any) -> Callable[[int], TokenMixer]:
