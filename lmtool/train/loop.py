@@ -88,6 +88,8 @@ class Trainer:
         )
         self.step, self.best_valid, self.best_step, self.carried = 0, math.inf, None, None
         self.window_loss, self.window_steps = 0.0, 0  # training loss summed since the last train row
+        # tokens trained on (all ranks) and wall time of the run's attempts so far, for lmtool-plot's x axes
+        self.train_tokens, self.elapsed_before, self.attempt_start = 0, 0.0, time.perf_counter()
         self.saved_step, self.resumed_from = None, None
         self.phase = None  # what runs now besides training steps: "validation", "final evaluation"
         self.stop_requested, self.stop_signals = False, []
@@ -103,6 +105,13 @@ class Trainer:
         self.writer = MetricsWriter(self.run_dir, cfg, wandb_id, enabled=self.is_main, resume_step=self.step)
 
     # -- checkpoints -------------------------------------------------------------------------------
+
+    def elapsed_s(self) -> float:
+        """Wall time of this run so far: the attempts before the last resume plus this one's."""
+        return self.elapsed_before + time.perf_counter() - self.attempt_start
+
+    def _progress(self) -> dict:
+        return {"train_tokens": self.train_tokens, "elapsed_s": round(self.elapsed_s(), 3)}
 
     def _identity(self) -> dict:
         return {
@@ -123,6 +132,7 @@ class Trainer:
             "best_valid": self.best_valid,
             "best_step": self.best_step,
             "train_window": {"loss": self.window_loss, "steps": self.window_steps},
+            "progress": {"train_tokens": self.train_tokens, "elapsed_s": self.elapsed_s()},
             "wandb_run_id": self.writer.wandb_run_id,
             "config": OmegaConf.to_container(self.cfg, resolve=True),
             "metric": self.corpus.metric,
@@ -199,6 +209,9 @@ class Trainer:
         self.step, self.best_valid, self.best_step = ckpt["step"], ckpt["best_valid"], ckpt.get("best_step")
         window = ckpt.get("train_window") or {}  # a stop between two train rows: the next row covers the window
         self.window_loss, self.window_steps = window.get("loss", 0.0), window.get("steps", 0)
+        # checkpoints from before "progress" existed: fixed-length segments give the tokens, the time is unknown
+        progress = ckpt.get("progress") or {"train_tokens": self.step * self.t.batch_size * self.t.tgt_len}
+        self.train_tokens, self.elapsed_before = progress["train_tokens"], progress.get("elapsed_s", 0.0)
         self.saved_step, self.resumed_from = self.step, path
         carried = LMState.from_payload(ckpt["carried"])
         if self.topology.distributed:  # the checkpoint holds the whole batch's state: take this rank's streams
@@ -361,6 +374,7 @@ class Trainer:
             self.window_loss += self.train_step(seg)
             self.window_steps += 1
             window_tokens += seg.tgt.numel() * self.topology.world_size
+            self.train_tokens += seg.tgt.numel() * self.topology.world_size
             bar.update(1)
             if self.step % t.log_interval == 0 or self.step == t.max_steps:
                 elapsed = time.perf_counter() - window_start
@@ -371,6 +385,7 @@ class Trainer:
                     **perplexity_fields(self.window_loss / self.window_steps, metric),
                     "lr": self.optimizer.param_groups[0]["lr"],
                     "tokens_per_s": window_tokens / max(elapsed, 1e-9),
+                    **self._progress(),
                 }
                 self.writer.write(record)
                 bar.set_postfix(
@@ -403,7 +418,8 @@ class Trainer:
         self.best_valid = min(self.best_valid, loss)
         if improved:
             self.best_step = self.step
-        record = {"step": self.step, "split": "valid", "loss": loss, **perplexity_fields(loss, self.corpus.metric)}
+        record = {"step": self.step, "split": "valid", "loss": loss, **perplexity_fields(loss, self.corpus.metric),
+                  **self._progress()}  # fmt: skip
         self.writer.write(record)
         metric = self.corpus.metric
         log.info("step %d | valid loss %.4f | valid %s %.3f", self.step, loss, metric, record[metric])

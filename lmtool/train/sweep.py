@@ -1,14 +1,17 @@
-"""Sweep summary: after `lmtool-train -m ...`, one table of every job's overrides and final metrics."""
+"""Sweep summary: after `lmtool-train -m ...`, one table of every job's overrides and final metrics, and a plot
+of their learning curves (summary.png, as `lmtool-plot SWEEP_DIR` draws it)."""
 
 from __future__ import annotations
 
 import csv
+import warnings
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from lmtool.train.curves import load_runs, plot_runs
 from lmtool.train.metrics import read_history
 from lmtool.train.rundir import replaced
 
@@ -38,7 +41,8 @@ def job_summary(job_dir: Path) -> dict[str, Any]:
 
 
 def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
-    """Write summary.csv and summary.md into `sweep_dir`, one row per job directory, and return the rows.
+    """Write summary.csv and summary.md into `sweep_dir`, one row per job directory, and summary.png (the jobs'
+    learning curves); return the rows.
 
     Each file is replaced whole, so a reader never sees half a table.
     """
@@ -53,6 +57,12 @@ def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
     lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
     with replaced(sweep_dir / "summary.md", binary=False) as f:
         f.write("\n".join(lines) + "\n")
+    with_metrics = [p for p in jobs if (p / "metrics.jsonl").is_file()]
+    if with_metrics:
+        try:
+            plot_runs(load_runs(with_metrics), sweep_dir / "summary.png")
+        except Exception as err:  # a figure must never fail the sweep whose runs are done
+            warnings.warn(f"sweep summary: summary.png not drawn ({err})", stacklevel=2)
     return rows
 
 

@@ -52,6 +52,29 @@ def test_metrics_jsonl_records(smoke_run):
     assert train and {"step", "loss", "ppl", "lr", "tokens_per_s"} <= set(train[0])
     finals = {r["split"] for r in records if r.get("final")}
     assert finals == {"valid", "test"}
+    # progress for lmtool-plot's axes: tokens trained on (batch 4 x 16 tokens per step) and wall time
+    during = [r for r in records if not r.get("final")]
+    assert all(r["train_tokens"] == r["step"] * 4 * 16 for r in during)
+    times = [r["elapsed_s"] for r in during]
+    assert times == sorted(times) and times[0] > 0
+
+
+@pytest.mark.parametrize("x", ["step", "tokens", "time"])
+def test_lmtool_plot_draws_a_run(smoke_run, x):
+    """lmtool-plot draws train and valid curves of a run directory against steps, tokens or wall time."""
+    run_dir, _ = smoke_run
+    out = run_dir.parent / f"curves-{x}.png"
+    proc = run_cli(["lmtool-plot", str(run_dir), "--x", x, "--out", str(out)], run_dir.parent)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "warn" not in proc.stderr.lower()
+
+
+def test_lmtool_plot_refuses_a_directory_without_runs(tmp_path):
+    """A directory that holds no metrics.jsonl (nor do its sub-directories) is a one-line error."""
+    proc = run_cli(["lmtool-plot", str(tmp_path)], tmp_path)
+    assert proc.returncode != 0
+    expected = f"lmtool-plot: {tmp_path} holds no metrics.jsonl, nor do its sub-directories"
+    assert proc.stderr.strip().splitlines()[-1] == expected
 
 
 def test_python_module_entry_point(tmp_path):
@@ -121,9 +144,11 @@ def test_interrupted_run_resumes_exactly(tmp_path, overrides):
     assert load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")["step"] == 3
     Trainer(cfg, tmp_path / "resumed").fit()
     straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
-    assert [(r["step"], r["split"], r["loss"]) for r in straight] == [
-        (r["step"], r["split"], r["loss"]) for r in resumed
+    assert [(r["step"], r["split"], r["loss"], r.get("train_tokens")) for r in straight] == [
+        (r["step"], r["split"], r["loss"], r.get("train_tokens")) for r in resumed
     ]
+    times = [r["elapsed_s"] for r in resumed if "elapsed_s" in r]  # the wall time continues across the resume
+    assert times == sorted(times)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
@@ -187,3 +212,9 @@ def test_multirun_sweep_writes_summary(tmp_path):
     assert (sweep / "0" / "checkpoints" / "last.pt").is_file() and (sweep / "1" / "checkpoints" / "last.pt").is_file()
     table = (sweep / "summary.md").read_text().splitlines()
     assert len(table) == 4 and "update_rule=sum" in table[2] and "update_rule=delta" in table[3]
+    assert (sweep / "summary.png").read_bytes()[:4] == b"\x89PNG"  # the jobs' learning curves
+    from lmtool.train.curves import find_runs, load_runs
+
+    runs = load_runs(find_runs([sweep]))  # one line per job, labelled by what sets it apart
+    assert [r.label for r in runs] == ["update_rule=sum", "update_rule=delta"]
+    assert all(r.curve("valid", "tokens")[0] == [2 * 4 * 16] for r in runs)
