@@ -9,6 +9,7 @@
 //   q, k        [B, H, L, Dk]  input dtype, any strides for B, H and L, unit stride along Dk
 //   v, dout     [B, H, L, Dv]  input dtype, same rule
 //   beta        [B, H, L]      float32, any strides
+//   g           [B, H, L]      float32, any strides: log-decay, S_{t-1} <- exp(g_t) S_{t-1} before step t
 //   states      [B, H, Dk, Dv] float32, contiguous (initial state, final state, their gradients)
 //   out, dv     [B, H, L, Dv]  input dtype, contiguous
 //   resid       [B, H, L, Dv]  float32, contiguous: r_t = v_t - S_{t-1}^T k_t (delta rule only)
@@ -16,6 +17,9 @@
 //               stored column-major (transposed) so that a thread's rows are contiguous
 //   dq_part, dk_part [T, B, H, L, Dk] float32: one partial sum per column tile of S, summed by the caller
 //   dbeta_part  [T, B, H, L]   float32, likewise
+//   dg_part     [T, B, H, L]   float32, likewise (with g only)
+//   scratch     backward_scratch_per_sequence() floats per sequence (with g only): the states of one checkpoint
+//               segment, recomputed forward from its checkpoint (the backward never divides by exp(g_t))
 #pragma once
 
 #include <cstdint>
@@ -40,8 +44,9 @@ struct ForwardArgs {
   const void* k = nullptr;
   const void* v = nullptr;
   const float* beta = nullptr;        // delta rule only
+  const float* g = nullptr;           // nullable: no decay (the g = None kernels, unchanged)
   const float* initial_state = nullptr;  // nullable: zeros
-  Strides sq, sk, sv, sbeta;
+  Strides sq, sk, sv, sbeta, sg;
   void* out = nullptr;
   float* final_state = nullptr;  // always written
   float* resid = nullptr;        // nullable; delta rule, for the backward
@@ -59,8 +64,9 @@ struct BackwardArgs {
   const void* v = nullptr;        // sum rule only
   const float* beta = nullptr;    // delta rule only
   const float* resid = nullptr;   // delta rule only
+  const float* g = nullptr;       // nullable: no decay (the g = None kernels, unchanged)
   const void* dout = nullptr;
-  Strides sq, sk, sv, sbeta, sdout;
+  Strides sq, sk, sv, sbeta, sg, sdout;
   const float* initial_state = nullptr;  // nullable: zeros (the forward's, to recompute S after a NaN or inf)
   const float* final_state = nullptr;    // S after the last token (from the forward)
   const float* d_final_state = nullptr;  // nullable: zeros
@@ -70,6 +76,8 @@ struct BackwardArgs {
   float* dk_part = nullptr;
   void* dv = nullptr;
   float* dbeta_part = nullptr;  // delta rule only
+  float* dg_part = nullptr;     // with g only
+  float* scratch = nullptr;     // with g only: backward_scratch_per_sequence(Dk, Dv, L, ckpt_every) * B * H floats
   float* d_initial_state = nullptr;
 };
 
@@ -77,7 +85,11 @@ struct BackwardArgs {
 inline int num_checkpoints(int L, int ckpt_every) { return L > 0 ? (L - 1) / ckpt_every : 0; }
 
 // Number of column tiles of S the backward splits Dv into (the leading size of the partial sums).
-int backward_tiles(int Dk, int Dv);
+int backward_tiles(int Dk, int Dv, bool decay);
+
+// Floats of scratch the backward with a decay needs per sequence: min(C, L) states of its column tiles (rows
+// padded to the tile's DkPad), the states of one checkpoint segment recomputed forward. 0 when Dk > kMaxDk.
+int64_t backward_scratch_per_sequence(int Dk, int Dv, int L, int ckpt_every);
 
 // Launch on `stream` (a cudaStream_t). Return 0 (cudaSuccess) or a CUDA error code; errors that the
 // caller should have prevented (bad sizes) return -1.

@@ -19,6 +19,18 @@
 // Entries that were already non-finite there stay non-finite through the block, so they need nothing. This
 // keeps a later token's NaN or inf out of the gradients of earlier tokens; finite inputs never take the branch.
 //
+// With a log-decay g (DECAY): the forward's step is S_t = S~_t + k_t u_t^T with S~_t = alpha_t S_{t-1} and
+// alpha_t = exp(g_t). With G = dLoss/dS_t and G~ its part arriving at S~_t (G~ = G - k_t dr^T for the delta rule,
+// G for the sum rule), the reverse step is the one above with S~_t in place of S_{t-1} in dk_t, plus
+//   dg_t = alpha_t <S_{t-1}, G~>   (sum over all entries: the whole warp, then as dbeta)      G_{t-1} = alpha_t G~
+// Getting S_{t-1} from S_t would divide by alpha_t, which loses everything when alpha_t is tiny. So the states
+// are never reconstructed in reverse: when the scan enters a checkpoint segment (at its last token), each thread
+// recomputes the segment's states forward from the segment's stored start state (checkpoint or initial state),
+// exactly as the forward did, and writes its own entries of S_{t-1} for every token t of the segment to a global
+// scratch (min(C, L) states per sequence, thread-private: no barrier); the reverse steps read them back. That is
+// one extra forward state update per token (no reductions: r_t is stored) and one store and one load of the
+// thread's state entries per token. The states are the forward's own, so the NaN/inf repair below is not needed.
+//
 // dq_t, dk_t and dbeta_t are sums over all columns: first over the column groups of a warp (a transposing
 // shuffle reduction), then over the block's warps through shared memory, flushed every `flush` tokens between
 // two barriers at the top level of the loop (never inside a branch), and finally over the column tiles by
@@ -45,6 +57,7 @@ struct BwdStep {
   float dout[kNC];
   float x[kNC];  // r_t (delta rule) or v_t (sum rule)
   float beta;
+  float alpha;  // exp(g_t) (DECAY only)
 };
 
 struct Layout {
@@ -52,9 +65,10 @@ struct Layout {
 };
 
 template <class TL>
-Layout layout(int Dv) {
+Layout layout(int Dv, bool decay) {
   const int cols_per_warp = TL::CG * kNC;
-  const int per_token = (2 * TL::DkPad + 1) * static_cast<int>(sizeof(float));  // shared bytes per warp and token
+  // shared bytes per warp and token: dq and dk rows, dbeta, and dg with a decay
+  const int per_token = (2 * TL::DkPad + 1 + (decay ? 1 : 0)) * static_cast<int>(sizeof(float));
   int warps = std::min(kBwdMaxWarps, ceil_div(Dv, cols_per_warp));
   warps = std::max(1, std::min(warps, kBwdSharedBytes / (TL::P * per_token)));
   int flush = std::min(kBwdMaxFlush, kBwdSharedBytes / (warps * per_token));
@@ -63,7 +77,7 @@ Layout layout(int Dv) {
   return {warps, cols_per_block, ceil_div(Dv, cols_per_block), flush};
 }
 
-template <typename T, bool DELTA, class TL>
+template <typename T, bool DELTA, bool DECAY, class TL>
 __global__ void __launch_bounds__(kBwdMaxWarps * 32)
     backward_kernel(BackwardArgs a, int cols_per_block, int flush, bool vec) {
   constexpr int R = TL::R, NR = TL::NR, CG = TL::CG, P = TL::P, NC = kNC, DkPad = TL::DkPad;
@@ -87,15 +101,21 @@ __global__ void __launch_bounds__(kBwdMaxWarps * 32)
   const T* v = DELTA ? nullptr : static_cast<const T*>(a.v) + b * a.sv.b + h * a.sv.h;
   const float* beta = DELTA ? a.beta + b * a.sbeta.b + h * a.sbeta.h : nullptr;
   const float* resid = DELTA ? a.resid + static_cast<int64_t>(bh) * L * Dv : nullptr;
+  const float* g = DECAY ? a.g + b * a.sg.b + h * a.sg.h : nullptr;
   const float* ckpt = a.ckpt ? a.ckpt + static_cast<int64_t>(bh) * n_ckpt * Dv * Dk : nullptr;
   T* dv = static_cast<T*>(a.dv) + static_cast<int64_t>(bh) * L * Dv;
   const int64_t part = static_cast<int64_t>(blockIdx.y) * BH + bh;  // this block's slice of the partial sums
   float* dq_part = a.dq_part + part * L * Dk;
   float* dk_part = a.dk_part + part * L * Dk;
   float* dbeta_part = DELTA ? a.dbeta_part + part * L : nullptr;
+  float* dg_part = DECAY ? a.dg_part + part * L : nullptr;
+  // DECAY: this thread's entries of the recomputed states S_{t-1} of the current segment, [slot][NR * NC][thread]
+  const int segment = min(C, L);
+  float* scratch = DECAY ? a.scratch + part * segment * blockDim.x * NR * NC + threadIdx.x : nullptr;
 
   float* red = smem;                                         // [warps][flush][2][DkPad]: dq, dk
   float* red_beta = smem + warps * flush * 2 * DkPad;        // [warps][flush]
+  float* red_g = red_beta + warps * flush;                   // [warps][flush], DECAY only
 
   // S = S_{L-1} (the forward's final state), G = gradient of the final state.
   float S[NR][NC], G[NR][NC];
@@ -104,6 +124,66 @@ __global__ void __launch_bounds__(kBwdMaxWarps * 32)
   load_tile<false, R>(sL, Dk, Dv, r, j0, S);
   load_tile<false, R>(gL, Dk, Dv, r, j0, G);
   bool s_bad = any_nonfinite(S);  // S may hold a NaN or inf: check the reverse steps (see the top)
+
+  // The forward's step of token tt on S: S = alpha_tt S (DECAY) + k_tt u_tt^T, u = beta r (delta) or v (sum).
+  auto forward_step = [&](int tt) {
+    float uu[NC];
+    if constexpr (DELTA) {
+      load_cols<NC>(resid + static_cast<int64_t>(tt) * Dv, Dv, j0, true, uu);
+      const float b = beta[tt * a.sbeta.t];
+#pragma unroll
+      for (int n = 0; n < NC; ++n) uu[n] = b * uu[n];
+    } else {
+      load_cols<NC>(v + tt * a.sv.t, Dv, j0, true, uu);
+    }
+    const T* kt = k + tt * a.sk.t;
+    if constexpr (DECAY) {  // the same rounding as the forward: alpha S first, then the write
+      const float alpha = expf(g[tt * a.sg.t]);
+#pragma unroll
+      for (int i = 0; i < NR; ++i) {
+#pragma unroll
+        for (int n = 0; n < NC; ++n) S[i][n] *= alpha;
+      }
+    }
+#pragma unroll
+    for (int mm = 0; mm < NR / 4; ++mm) {  // four rows at a time keeps few values in registers
+      const int i0 = 4 * (r + mm * R);
+      float kk[4];
+      if (DECAY && vec && i0 < Dk) {  // the recomputation is on the DECAY path for every token: vector loads
+        load4(kt + i0, kk);
+      } else {
+#pragma unroll
+        for (int c = 0; c < 4; ++c) kk[c] = i0 + c < Dk ? to_float(kt[i0 + c]) : 0.0f;
+      }
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+#pragma unroll
+        for (int n = 0; n < NC; ++n) S[4 * mm + c][n] = fmaf(kk[c], uu[n], S[4 * mm + c][n]);
+      }
+    }
+  };
+
+  // DECAY, at the last token t of a checkpoint segment: recomputes the segment's states forward from the state the
+  // forward stored before it (checkpoint t / C - 1, or the initial state), writing S_{tt-1} to scratch slot
+  // tt - (t / C) C for every token tt of the segment; S ends as S_t. Per thread, no shuffles or barriers.
+  auto recompute_segment = [&](int t) {
+    const int m = t / C;
+    if (m > 0) {
+      load_tile<true, R>(ckpt + static_cast<int64_t>(m - 1) * Dv * Dk, Dk, Dv, r, j0, S);
+    } else {
+      const float* s0 = a.initial_state ? a.initial_state + static_cast<int64_t>(bh) * Dk * Dv : nullptr;
+      load_tile<false, R>(s0, Dk, Dv, r, j0, S);
+    }
+    for (int tt = m * C; tt <= t; ++tt) {
+      float* dst = scratch + static_cast<int64_t>(tt - m * C) * NR * NC * blockDim.x;
+#pragma unroll
+      for (int i = 0; i < NR; ++i) {
+#pragma unroll
+        for (int n = 0; n < NC; ++n) dst[(i * NC + n) * blockDim.x] = S[i][n];
+      }
+      forward_step(tt);
+    }
+  };
 
   // Called after the reverse step of token t (S = S_t - k_t u_t^T) when S_t, k_t or u_t held a non-finite value:
   // makes S the forward's S_{t-1} where that subtraction spoiled it, and returns whether S_{t-1} holds a
@@ -136,28 +216,7 @@ __global__ void __launch_bounds__(kBwdMaxWarps * 32)
     } else {
       load_tile<false, R>(base, Dk, Dv, r, j0, S);
     }
-    for (int tt = m * C; tt < t; ++tt) {  // the forward's steps: S += k u^T with u = beta r (delta) or v (sum)
-      float uu[NC];
-      if constexpr (DELTA) {
-        load_cols<NC>(resid + static_cast<int64_t>(tt) * Dv, Dv, j0, true, uu);
-        const float b = beta[tt * a.sbeta.t];
-#pragma unroll
-        for (int n = 0; n < NC; ++n) uu[n] = b * uu[n];
-      } else {
-        load_cols<NC>(v + tt * a.sv.t, Dv, j0, true, uu);
-      }
-      const T* kt = k + tt * a.sk.t;
-#pragma unroll
-      for (int mm = 0; mm < NR / 4; ++mm) {  // four rows at a time keeps few values in registers
-        const int i0 = 4 * (r + mm * R);
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          const float kk = i0 + c < Dk ? to_float(kt[i0 + c]) : 0.0f;
-#pragma unroll
-          for (int n = 0; n < NC; ++n) S[4 * mm + c][n] = fmaf(kk, uu[n], S[4 * mm + c][n]);
-        }
-      }
-    }
+    for (int tt = m * C; tt < t; ++tt) forward_step(tt);
     return any_nonfinite(S);
   };
 
@@ -168,6 +227,7 @@ __global__ void __launch_bounds__(kBwdMaxWarps * 32)
     load_rows<R, NR>(q + t * a.sq.t, Dk, r, valid, vec, x.q);
     load_rows<R, NR>(k + t * a.sk.t, Dk, r, valid, vec, x.k);
     load_cols<NC>(dout + t * a.sdout.t, Dv, j0, valid, x.dout);
+    if constexpr (DECAY) x.alpha = valid ? expf(g[t * a.sg.t]) : 1.0f;
     if constexpr (DELTA) {
       load_cols<NC>(resid + t * Dv, Dv, j0, valid, x.x);
       x.beta = valid ? beta[t * a.sbeta.t] : 0.0f;
@@ -190,11 +250,15 @@ __global__ void __launch_bounds__(kBwdMaxWarps * 32)
         if (s < L) {  // uniform over the block: the shuffles inside are legal, no barrier is inside
           const int t = L - 1 - s;
           const BwdStep<NR>& x = buf[p];
-          if (ckpt != nullptr && (t + 1) % C == 0 && t + 1 < L) {  // S_t exactly as the forward had it
+          if constexpr (DECAY) {
+            if (t == L - 1 || (t + 1) % C == 0) recompute_segment(t);  // S = S_t, scratch = the segment's S_{tt-1}
+          } else if (ckpt != nullptr && (t + 1) % C == 0 && t + 1 < L) {  // S_t exactly as the forward had it
             const float* src = ckpt + static_cast<int64_t>((t + 1) / C - 1) * Dv * Dk;
             load_tile<true, R>(src, Dk, Dv, r, j0, S);
             s_bad = any_nonfinite(S);
           }
+          // DECAY: this token's S_{t-1}, recomputed by recompute_segment
+          const float* prev = DECAY ? scratch + static_cast<int64_t>(t % C) * NR * NC * blockDim.x : nullptr;
 
           float sdo[NC], u[NC], du[NC];
 #pragma unroll
@@ -203,7 +267,7 @@ __global__ void __launch_bounds__(kBwdMaxWarps * 32)
             u[n] = DELTA ? x.beta * x.x[n] : x.x[n];
             du[n] = 0.0f;
           }
-          const bool recheck = s_bad || any_nonfinite(x.k) || any_nonfinite(u);
+          const bool recheck = !DECAY && (s_bad || any_nonfinite(x.k) || any_nonfinite(u));
           float vals[V];  // [dq rows (NR), dk rows (NR)] of this lane, summed over its NC columns
 #pragma unroll
           for (int i = 0; i < NR; ++i) {
@@ -213,13 +277,17 @@ __global__ void __launch_bounds__(kBwdMaxWarps * 32)
               G[i][n] = fmaf(x.q[i], sdo[n], G[i][n]);
               dq = fmaf(S[i][n], sdo[n], dq);
               du[n] = fmaf(G[i][n], x.k[i], du[n]);
-              S[i][n] = fmaf(-x.k[i], u[n], S[i][n]);  // S_{t-1}
+              if constexpr (DECAY) {
+                S[i][n] = prev[(i * NC + n) * blockDim.x];  // S_{t-1}, recomputed forward
+              } else {
+                S[i][n] = fmaf(-x.k[i], u[n], S[i][n]);  // S_{t-1}
+              }
             }
             vals[i] = dq;
           }
           group_sum<R>(du);
 
-          float dbeta = 0.0f;
+          float dbeta = 0.0f, dg = 0.0f;
 #pragma unroll
           for (int i = 0; i < NR; ++i) {
             float dk = 0.0f;
@@ -228,10 +296,18 @@ __global__ void __launch_bounds__(kBwdMaxWarps * 32)
               if constexpr (DELTA) {
                 const float dr = x.beta * du[n];
                 dk = fmaf(G[i][n], u[n], dk);
-                dk = fmaf(-S[i][n], dr, dk);
+                if constexpr (DECAY) {
+                  dk = fmaf(-S[i][n], x.alpha * dr, dk);  // S~_t = alpha_t S_{t-1}
+                } else {
+                  dk = fmaf(-S[i][n], dr, dk);
+                }
                 G[i][n] = fmaf(-x.k[i], dr, G[i][n]);
               } else {
                 dk = fmaf(G[i][n], u[n], dk);
+              }
+              if constexpr (DECAY) {  // G is G~ now: dg_t = alpha_t <S_{t-1}, G~>, G_{t-1} = alpha_t G~
+                dg = fmaf(S[i][n], G[i][n], dg);
+                G[i][n] *= x.alpha;
               }
             }
             vals[NR + i] = dk;
@@ -255,6 +331,10 @@ __global__ void __launch_bounds__(kBwdMaxWarps * 32)
           if constexpr (DELTA) {
             dbeta = across_groups_sum<R>(dbeta);
             if (lane == 0) red_beta[warp * flush + slot] = dbeta;
+          }
+          if constexpr (DECAY) {
+            dg = x.alpha * across_groups_sum<1>(dg);  // over every lane: all rows and columns of the warp
+            if (lane == 0) red_g[warp * flush + slot] = dg;
           }
           if (recheck) s_bad = repair(t);
         }
@@ -280,6 +360,13 @@ __global__ void __launch_bounds__(kBwdMaxWarps * 32)
         float sum = 0.0f;
         for (int w = 0; w < warps; ++w) sum += red_beta[w * flush + slot];
         dbeta_part[L - 1 - (s0 + slot)] = sum;
+      }
+    }
+    if constexpr (DECAY) {
+      for (int slot = threadIdx.x; slot < steps; slot += blockDim.x) {
+        float sum = 0.0f;
+        for (int w = 0; w < warps; ++w) sum += red_g[w * flush + slot];
+        dg_part[L - 1 - (s0 + slot)] = sum;
       }
     }
     __syncthreads();  // the slots are free for the next tokens

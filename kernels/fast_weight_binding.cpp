@@ -47,6 +47,14 @@ at::Tensor float_state(const std::optional<at::Tensor>& s, const char* name, con
   return s->to(at::kFloat).contiguous();
 }
 
+// The optional per-token log-decay g [B, H, L] as float32 (its strides go to the kernels); undefined when absent.
+at::Tensor log_decay(const std::optional<at::Tensor>& g, const at::Tensor& like, int64_t B, int64_t H, int64_t L) {
+  if (!g.has_value() || !g->defined()) return at::Tensor();
+  check_cuda(*g, "g", like);
+  TORCH_CHECK(g->dim() == 3 && g->size(0) == B && g->size(1) == H && g->size(2) == L, "g must be [B, H, L]");
+  return g->to(at::kFloat);
+}
+
 void check_status(int status) {
   TORCH_CHECK(status == 0, "lmtool fast-weight kernel failed: ", lmtool_fw::error_string(status));
 }
@@ -76,8 +84,9 @@ void set_problem(Args& a, const at::Tensor& q, const at::Tensor& k, bool delta, 
 }
 
 // Returns [out, final_state, resid, ckpt]; resid and ckpt are empty unless `save` (resid: delta rule only).
+// `g` (optional) is the per-token log-decay; None runs the kernels without decay.
 std::vector<at::Tensor> forward(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-                                const std::optional<at::Tensor>& beta_in,
+                                const std::optional<at::Tensor>& beta_in, const std::optional<at::Tensor>& g_in,
                                 const std::optional<at::Tensor>& initial_state, double scale, int64_t ckpt_every,
                                 bool save, bool debug_poison, int64_t stream) {
   const bool delta = beta_in.has_value() && beta_in->defined();
@@ -109,6 +118,11 @@ std::vector<at::Tensor> forward(const at::Tensor& q_in, const at::Tensor& k_in, 
     a.sbeta.h = beta.stride(1);
     a.sbeta.t = beta.stride(2);
   }
+  const at::Tensor g = log_decay(g_in, q, B, H, L);
+  if (g.defined()) {
+    a.g = g.data_ptr<float>();
+    a.sg = strides_of(g);
+  }
   at::Tensor s0;
   if (initial_state.has_value() && initial_state->defined()) {
     s0 = float_state(initial_state, "initial_state", q);
@@ -132,11 +146,13 @@ std::vector<at::Tensor> forward(const at::Tensor& q_in, const at::Tensor& k_in, 
   return {out, final_state, resid, ckpt};
 }
 
-// Returns [dq, dk, dv, dbeta, d_initial_state]: dq, dk, dbeta float32 (summed over column tiles), dv in the
-// inputs' dtype, dbeta empty for the sum rule. `x` is the residual r (delta rule) or v (sum rule).
-// `initial_state` is the forward's (None: zeros); the backward recomputes S from it after a NaN or inf.
+// Returns [dq, dk, dv, dbeta, d_initial_state, dg]: dq, dk, dbeta, dg float32 (summed over column tiles), dv in
+// the inputs' dtype, dbeta empty for the sum rule, dg empty without g. `x` is the residual r (delta rule) or v
+// (sum rule). `initial_state` is the forward's (None: zeros); the backward recomputes S from it after a NaN or
+// inf, and with g for every checkpoint segment (into a scratch of min(C, L) states per sequence).
 std::vector<at::Tensor> backward(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& x_in,
-                                 const std::optional<at::Tensor>& beta_in, const at::Tensor& dout_in,
+                                 const std::optional<at::Tensor>& beta_in, const std::optional<at::Tensor>& g_in,
+                                 const at::Tensor& dout_in,
                                  const std::optional<at::Tensor>& initial_state,
                                  const at::Tensor& final_state_in, const std::optional<at::Tensor>& d_final_state,
                                  const at::Tensor& ckpt, double scale, int64_t ckpt_every, bool debug_poison,
@@ -175,6 +191,11 @@ std::vector<at::Tensor> backward(const at::Tensor& q_in, const at::Tensor& k_in,
     a.v = x.data_ptr();
     a.sv = strides_of(x);
   }
+  const at::Tensor g = log_decay(g_in, q, B, H, L);
+  if (g.defined()) {
+    a.g = g.data_ptr<float>();
+    a.sg = strides_of(g);
+  }
   at::Tensor s0;
   if (initial_state.has_value() && initial_state->defined()) {
     s0 = float_state(initial_state, "initial_state", q);
@@ -196,36 +217,44 @@ std::vector<at::Tensor> backward(const at::Tensor& q_in, const at::Tensor& k_in,
   }
   a.ckpt_every = static_cast<int>(ckpt_every);
 
-  const int64_t tiles = lmtool_fw::backward_tiles(a.Dk, a.Dv);
+  const bool decay = g.defined();
+  const int64_t tiles = lmtool_fw::backward_tiles(a.Dk, a.Dv, decay);
   const auto f32 = q.options().dtype(at::kFloat);
   at::Tensor dq_part = at::empty({tiles, B, H, L, Dk}, f32);
   at::Tensor dk_part = at::empty({tiles, B, H, L, Dk}, f32);
   at::Tensor dbeta_part = delta ? at::empty({tiles, B, H, L}, f32) : at::empty({0}, f32);
+  at::Tensor dg_part = decay ? at::empty({tiles, B, H, L}, f32) : at::empty({0}, f32);
+  const int64_t per_sequence = decay ? lmtool_fw::backward_scratch_per_sequence(a.Dk, a.Dv, a.L, a.ckpt_every) : 0;
+  at::Tensor scratch = at::empty({B * H * per_sequence}, f32);  // freed when the backward returns
   at::Tensor dv = at::empty({B, H, L, Dv}, q.options());
   at::Tensor ds0 = at::empty({B, H, Dk, Dv}, f32);
-  poison({dq_part, dk_part, dbeta_part, dv, ds0}, debug_poison);
+  poison({dq_part, dk_part, dbeta_part, dg_part, scratch, dv, ds0}, debug_poison);
   a.dq_part = dq_part.data_ptr<float>();
   a.dk_part = dk_part.data_ptr<float>();
   a.dbeta_part = delta ? dbeta_part.data_ptr<float>() : nullptr;
+  a.dg_part = decay ? dg_part.data_ptr<float>() : nullptr;
+  a.scratch = decay ? scratch.data_ptr<float>() : nullptr;
   a.dv = dv.data_ptr();
   a.d_initial_state = ds0.data_ptr<float>();
   check_status(lmtool_fw::backward(a, reinterpret_cast<void*>(stream)));
 
   auto reduce = [&](const at::Tensor& part) { return tiles == 1 ? part.squeeze(0) : part.sum(0); };
-  return {reduce(dq_part), reduce(dk_part), dv, delta ? reduce(dbeta_part) : dbeta_part, ds0};
+  return {reduce(dq_part), reduce(dk_part), dv, delta ? reduce(dbeta_part) : dbeta_part, ds0,
+          decay ? reduce(dg_part) : dg_part};
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "lmtool fast-weight (sum and delta rule) CUDA kernels";
-  m.def("forward", &forward, "scan forward", py::arg("q"), py::arg("k"), py::arg("v"), py::arg("beta"),
+  m.def("forward", &forward, "scan forward", py::arg("q"), py::arg("k"), py::arg("v"), py::arg("beta"), py::arg("g"),
         py::arg("initial_state"), py::arg("scale"), py::arg("ckpt_every"), py::arg("save"), py::arg("poison"),
         py::arg("stream"));
   m.def("backward", &backward, "reverse-scan backward", py::arg("q"), py::arg("k"), py::arg("x"), py::arg("beta"),
-        py::arg("dout"), py::arg("initial_state"), py::arg("final_state"), py::arg("d_final_state"), py::arg("ckpt"),
+        py::arg("g"), py::arg("dout"), py::arg("initial_state"), py::arg("final_state"), py::arg("d_final_state"), py::arg("ckpt"),
         py::arg("scale"),
         py::arg("ckpt_every"), py::arg("poison"), py::arg("stream"));
-  m.def("backward_tiles", &lmtool_fw::backward_tiles, "column tiles of the backward's partial sums");
+  m.def("backward_tiles", &lmtool_fw::backward_tiles, "column tiles of the backward's partial sums", py::arg("Dk"),
+        py::arg("Dv"), py::arg("decay") = false);
   m.attr("max_dk") = lmtool_fw::kMaxDk;
 }

@@ -1,5 +1,5 @@
-// Launcher of the forward kernel (fast_weight_forward.cuh): block size, grid and dispatch over dtype, rule
-// and key width.
+// Launcher of the forward kernel (fast_weight_forward.cuh): block size, grid and dispatch over dtype, rule,
+// decay (g given or not) and key width.
 #include <algorithm>
 
 #include "fast_weight_forward.cuh"
@@ -22,7 +22,7 @@ bool rows_vectorizable(const ForwardArgs& a) {
   return a.Dk % 4 == 0 && ok(a.q, a.sq) && ok(a.k, a.sk);
 }
 
-template <typename T, bool DELTA>
+template <typename T, bool DELTA, bool DECAY>
 int launch(const ForwardArgs& a, cudaStream_t stream) {
   return dispatch_dk(a.Dk, [&](auto tile) -> int {
     using TL = decltype(tile);
@@ -33,9 +33,18 @@ int launch(const ForwardArgs& a, cudaStream_t stream) {
     while (warps > 1 && static_cast<int64_t>(a.B) * a.H * ceil_div(a.Dv, warps * cols_per_warp) < sms) warps /= 2;
     const int cols_per_block = warps * cols_per_warp;
     const dim3 grid(a.B * a.H, ceil_div(a.Dv, cols_per_block));
-    forward_kernel<T, DELTA, TL><<<grid, warps * 32, 0, stream>>>(a, cols_per_block, rows_vectorizable<T>(a));
+    forward_kernel<T, DELTA, DECAY, TL><<<grid, warps * 32, 0, stream>>>(a, cols_per_block, rows_vectorizable<T>(a));
     return static_cast<int>(cudaGetLastError());
   });
+}
+
+template <bool DECAY>
+int launch_rule(const ForwardArgs& a, cudaStream_t s) {
+  if (a.dtype == kFloat32) return a.delta ? launch<float, true, DECAY>(a, s) : launch<float, false, DECAY>(a, s);
+  if (a.dtype == kBFloat16) {
+    return a.delta ? launch<__nv_bfloat16, true, DECAY>(a, s) : launch<__nv_bfloat16, false, DECAY>(a, s);
+  }
+  return -1;
 }
 
 }  // namespace
@@ -45,11 +54,7 @@ int forward(const ForwardArgs& a, void* stream) {
   if (a.B < 1 || a.H < 1) return 0;
   if (static_cast<int64_t>(a.B) * a.H > 0x7fffffff) return -1;
   auto s = static_cast<cudaStream_t>(stream);
-  if (a.dtype == kFloat32) return a.delta ? launch<float, true>(a, s) : launch<float, false>(a, s);
-  if (a.dtype == kBFloat16) {
-    return a.delta ? launch<__nv_bfloat16, true>(a, s) : launch<__nv_bfloat16, false>(a, s);
-  }
-  return -1;
+  return a.g != nullptr ? launch_rule<true>(a, s) : launch_rule<false>(a, s);
 }
 
 const char* error_string(int code) {

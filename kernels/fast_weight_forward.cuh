@@ -4,6 +4,7 @@
 //   delta:  sk = S^T k, sq = S^T q, kq = k . q   (partial sums over I, then one butterfly over the group)
 //           r_t = v_t - sk;  u_t = beta_t r_t;  S += k u^T;  o_t = scale (sq + kq u_t)  ( = scale S_t^T q_t)
 //   sum:    u_t = v_t;  S += k v^T;  o_t = scale (sq + kq v_t)
+// With a log-decay g (DECAY), S is first scaled by alpha_t = exp(g_t) (S <- alpha_t S_{t-1}), the rest is the same.
 // The scan has no shared memory and no block barrier: the only cross-lane traffic is the butterfly.
 // q, k, v (and beta) of the next P tokens are loaded into registers while the current token computes.
 // For the backward it stores r_t (delta rule) and S after every C-th token, column-major.
@@ -24,9 +25,10 @@ struct FwdStep {
   float k[NR];
   float v[kNC];
   float beta;
+  float alpha;  // exp(g_t) (DECAY only)
 };
 
-template <typename T, bool DELTA, class TL>
+template <typename T, bool DELTA, bool DECAY, class TL>
 __global__ void __launch_bounds__(kFwdMaxWarps * 32) forward_kernel(ForwardArgs a, int cols_per_block, bool vec) {
   constexpr int R = TL::R, NR = TL::NR, CG = TL::CG, P = TL::P, NC = kNC;
   const int lane = threadIdx.x & 31;
@@ -40,6 +42,7 @@ __global__ void __launch_bounds__(kFwdMaxWarps * 32) forward_kernel(ForwardArgs 
   const T* k = static_cast<const T*>(a.k) + b * a.sk.b + h * a.sk.h;
   const T* v = static_cast<const T*>(a.v) + b * a.sv.b + h * a.sv.h;
   const float* beta = DELTA ? a.beta + b * a.sbeta.b + h * a.sbeta.h : nullptr;
+  const float* g = DECAY ? a.g + b * a.sg.b + h * a.sg.h : nullptr;
   T* out = static_cast<T*>(a.out) + static_cast<int64_t>(bh) * L * Dv;
   float* resid = a.resid ? a.resid + static_cast<int64_t>(bh) * L * Dv : nullptr;
   const int C = a.ckpt_every;
@@ -57,6 +60,7 @@ __global__ void __launch_bounds__(kFwdMaxWarps * 32) forward_kernel(ForwardArgs 
     load_rows<R, NR>(k + tt * a.sk.t, Dk, r, valid, vec, x.k);
     load_cols<NC>(v + tt * a.sv.t, Dv, j0, valid, x.v);
     x.beta = (DELTA && valid) ? beta[tt * a.sbeta.t] : 0.0f;
+    if constexpr (DECAY) x.alpha = valid ? expf(g[tt * a.sg.t]) : 1.0f;
   };
 
   FwdStep<NR> buf[P];
@@ -69,6 +73,13 @@ __global__ void __launch_bounds__(kFwdMaxWarps * 32) forward_kernel(ForwardArgs 
       const int t = t0 + p;
       if (t < L) {  // uniform over the block: the butterfly inside is legal
         const FwdStep<NR>& x = buf[p];
+        if constexpr (DECAY) {  // S <- alpha_t S_{t-1}; the backward's recomputation repeats exactly this
+#pragma unroll
+          for (int i = 0; i < NR; ++i) {
+#pragma unroll
+            for (int n = 0; n < NC; ++n) S[i][n] *= x.alpha;
+          }
+        }
         constexpr int NV = DELTA ? 2 * NC + 1 : NC + 1;  // [sq (NC), kq, sk (NC, delta only)]
         float red[NV];
 #pragma unroll

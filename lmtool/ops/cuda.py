@@ -14,12 +14,19 @@ wrapper saves for it), so a non-finite token affects no gradient that the recurr
 forms take ``checkpoint_every`` as an extra keyword. Shapes with nothing to scan (B, H, L, Dk or Dv = 0) run the
 chunk form without building anything.
 
+With a per-token log-decay ``g`` ([B, H, L], float32; ``S_{t-1} <- exp(g_t) S_{t-1}`` before step t) the same
+kernels run a variant compiled with the decay (``g=None`` runs the kernels without it, unchanged). Its backward
+never divides by ``exp(g_t)``, which would lose everything when the decay is strong: on entering a checkpoint
+segment it recomputes the segment's states forward from the segment's stored start state into a scratch of
+``min(checkpoint_every, L)`` states per sequence (freed after the backward), and reads them back in reverse. That
+costs one extra state update and one store and load of the state per token; gradients flow to ``g`` as well.
+
 Fallbacks (a missing toolchain or GPU never crashes a run):
 - CPU tensors: "cuda" is registered for CUDA devices only, so ``impl="auto"`` picks "chunk" there and
   ``impl="cuda"`` on a CPU tensor raises the registry's one-line ValueError (it names the forms that run).
 - no CUDA toolkit, no ninja, a failed build or a torch without CUDA: :func:`load_extension` warns ONCE and
   returns None; the "cuda" form then runs the torch "chunk" form.
-- float64 inputs or ``Dk > 512``: the "chunk" form, with one warning per reason.
+- float64 inputs (``g`` included) or ``Dk > 512``: the "chunk" form, with one warning per reason.
 ``LMTOOL_CUDA_KERNELS=0`` removes the form from this process (``impl="auto"`` then picks "chunk" on CUDA).
 """
 
@@ -175,15 +182,16 @@ def _on(device: torch.device):
 
 
 class _FastWeightScan(torch.autograd.Function):
-    """Forward saves q, k, r (delta) or v (sum), beta, the final state and S every C tokens; nothing per token
-    of size Dk x Dv. The backward reconstructs S in reverse between checkpoints."""
+    """Forward saves q, k, r (delta) or v (sum), beta, g, the final state and S every C tokens; nothing per token
+    of size Dk x Dv. The backward reconstructs S in reverse between checkpoints, or with g recomputes each
+    checkpoint segment's states forward."""
 
     @staticmethod
-    def forward(ctx, q, k, v, beta, s0, scale: float, C: int, save: bool, ext):
+    def forward(ctx, q, k, v, beta, g, s0, scale: float, C: int, save: bool, ext):
         poison = _poison()
-        o, S, resid, ckpt = ext.forward(q, k, v, beta, s0, scale, C, save, poison, _stream(q.device))
-        if save:  # s0: after a NaN or inf the backward may recompute S forward from it
-            ctx.save_for_backward(q, k, resid if beta is not None else v, beta, s0, S, ckpt)
+        o, S, resid, ckpt = ext.forward(q, k, v, beta, g, s0, scale, C, save, poison, _stream(q.device))
+        if save:  # s0: the backward may recompute S forward from it (after a NaN or inf, and always with g)
+            ctx.save_for_backward(q, k, resid if beta is not None else v, beta, g, s0, S, ckpt)
         ctx.meta = (scale, C, poison, ext, None if s0 is None else s0.dtype)
         ctx.set_materialize_grads(False)
         return o, S
@@ -191,18 +199,19 @@ class _FastWeightScan(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, do, dS):
-        q, k, x, beta, s0, S, ckpt = ctx.saved_tensors
+        q, k, x, beta, g, s0, S, ckpt = ctx.saved_tensors
         scale, C, poison, ext, s0_dtype = ctx.meta
         do = q.new_zeros(*q.shape[:3], x.shape[-1]) if do is None else do.to(q.dtype)
         with _on(q.device):
-            dq, dk, dv, dbeta, ds0 = ext.backward(
-                q, k, x, beta, do, s0, S, dS, ckpt, scale, C, poison, _stream(q.device)
+            dq, dk, dv, dbeta, ds0, dg = ext.backward(
+                q, k, x, beta, g, do, s0, S, dS, ckpt, scale, C, poison, _stream(q.device)
             )
         return (
             dq.to(q.dtype),
             dk.to(k.dtype),
             dv,
             dbeta if beta is not None else None,
+            dg if g is not None else None,
             ds0.to(s0_dtype) if s0_dtype is not None else None,
             None,
             None,
@@ -211,15 +220,16 @@ class _FastWeightScan(torch.autograd.Function):
         )
 
 
-def _scan(q, k, v, beta, scale, initial_state, output_final_state, checkpoint_every, ext):
+def _scan(q, k, v, beta, g, scale, initial_state, output_final_state, checkpoint_every, ext):
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be a positive integer, got {checkpoint_every}")
     dt = _kernel_dtype(q, k, v)
-    save = _needs_grad(q, k, v, beta, initial_state)
+    save = _needs_grad(q, k, v, beta, g, initial_state)
     beta32 = None if beta is None else beta.float()
+    g32 = None if g is None else g.float()  # the registry allows float32 or float64; float64 ran "chunk" already
     with _on(q.device):
         o, S = _FastWeightScan.apply(
-            q.to(dt), k.to(dt), v.to(dt), beta32, initial_state, float(scale), int(checkpoint_every), save, ext
+            q.to(dt), k.to(dt), v.to(dt), beta32, g32, initial_state, float(scale), int(checkpoint_every), save, ext
         )
     return o.to(q.dtype), (S if output_final_state else None)
 
@@ -237,12 +247,12 @@ def delta_rule_cuda(
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`lmtool.ops.delta_rule` as a CUDA scan: same signature, plus ``checkpoint_every`` (module doc)."""
-    ext = _kernels_for(q, [q, k, v, beta, initial_state]) if g is None else None
+    ext = _kernels_for(q, [q, k, v, beta, initial_state, g])
     if ext is None:
         return delta_rule_chunk(
             q, k, v, beta, g=g, scale=scale, initial_state=initial_state, output_final_state=output_final_state
         )
-    return _scan(q, k, v, beta, scale, initial_state, output_final_state, checkpoint_every, ext)
+    return _scan(q, k, v, beta, g, scale, initial_state, output_final_state, checkpoint_every, ext)
 
 
 def sum_rule_cuda(
@@ -257,12 +267,12 @@ def sum_rule_cuda(
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`lmtool.ops.sum_rule` as a CUDA scan: same signature, plus ``checkpoint_every`` (module doc)."""
-    ext = _kernels_for(q, [q, k, v, initial_state]) if g is None else None
+    ext = _kernels_for(q, [q, k, v, initial_state, g])
     if ext is None:
         return sum_rule_chunk(
             q, k, v, g=g, scale=scale, initial_state=initial_state, output_final_state=output_final_state
         )
-    return _scan(q, k, v, None, scale, initial_state, output_final_state, checkpoint_every, ext)
+    return _scan(q, k, v, None, g, scale, initial_state, output_final_state, checkpoint_every, ext)
 
 
 def runs_on(device: torch.device) -> bool:
