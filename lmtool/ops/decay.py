@@ -30,10 +30,8 @@ def decay_factors(gc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     The cumulative sums are taken in float64 and ``G_t - G_j`` is rounded once: in float32 a difference of two
     prefix sums would carry the rounding of the whole chunk's decay (up to C * 20 for strong gates).
     """
-    C = gc.shape[-1]
     G = gc.to(torch.float64).cumsum(-1)
-    upper = torch.ones(C, C, dtype=torch.bool, device=gc.device).triu_(1)
-    D = (G.unsqueeze(-1) - G.unsqueeze(-2)).to(gc.dtype).masked_fill_(upper, float("-inf")).exp_()
+    D = (G.unsqueeze(-1) - G.unsqueeze(-2)).to(gc.dtype).exp_().tril_()  # above the diagonal: written as 0
     return G.exp().to(gc.dtype), D, D[..., -1, :]
 
 
@@ -46,13 +44,15 @@ def _initial(qc: torch.Tensor, Dv: int, s: torch.Tensor | None) -> torch.Tensor:
     return qc.new_zeros(G, Dk, Dv) if s is None else s.reshape(G, Dk, Dv).to(qc.dtype)
 
 
-def _log_decay_grad(a, da, H, gamma, dgamma, states, dS_next) -> torch.Tensor:
-    """dL/dg from the gradients w.r.t. the factors: ``da`` (of a), ``H = dD * D`` (of D, per entry), ``dgamma``
-    (of gamma) and the chunk-end decay ``a_C`` of the state, through ``G = cumsum(g)``."""
-    dG = a * da + H.sum(-1) - H.sum(-2)  # d exp(G_t - G_j) = D_tj (dG_t - dG_j)
+def _log_decay_grad(a, da, dD_net, gamma, dgamma, states, dS_next) -> torch.Tensor:
+    """dL/dg from the gradients w.r.t. the factors: ``da`` (of a), ``dD_net`` = rowsum - colsum of ``dD * D``
+    (of D: d exp(G_t - G_j) = D_tj (dG_t - dG_j)), ``dgamma`` (of gamma) and the chunk-end decay ``a_C`` of the
+    state, through ``G = cumsum(g)``."""
+    dG = a * da + dD_net
     gd = gamma * dgamma
     dG.sub_(gd)
-    dG[..., -1] += gd.sum(-1) + a[..., -1] * (states * dS_next).sum((-2, -1))
+    state_dot = torch.linalg.vecdot(states.flatten(-2), dS_next.flatten(-2))  # <S_n, dS_{n+1}>, no temporary
+    dG[..., -1] += gd.sum(-1) + a[..., -1] * state_dot
     return dG.flip(-1).cumsum(-1).flip(-1)  # G_t = sum_{i<=t} g_i
 
 
@@ -181,7 +181,8 @@ def _sum_backward(qc, kc, vc, gc, a, D, states, do_c, dS, scale):
     dgamma = torch.linalg.vecdot(kc, VdS)
     dk = addmm_(VdS.mul_(g_), mT(dPD), qc, alpha=scale)
     dv = addmm_(torch.matmul(kc, dS_next).mul_(g_), mT(QK * D), do_c, alpha=scale)
-    dg = _log_decay_grad(a, da, dPD.mul_(QK).mul_(scale), gamma, dgamma, states, dS_next)
+    H = dPD.mul_(QK).mul_(scale)
+    dg = _log_decay_grad(a, da, H.sum(-1) - H.sum(-2), gamma, dgamma, states, dS_next)
     return dq, dk, dv, dg, dS
 
 
@@ -198,13 +199,14 @@ def _delta_forward(qc, kc, vc, bc, gc, s0, scale):
     T = torch.mul(X, bc.unsqueeze(-2), out=A)
     Ud = torch.matmul(T, vc)  # U, turned into U' in place below
     W = torch.matmul(T.mul_(a.unsqueeze(-2)), kc)  # X diag(b) diag(a) K: a on T's columns, not on K's rows
-    g_ = gamma.unsqueeze(-1)
+    kg = kc * gamma.unsqueeze(-1)
+    aC = a[..., -1, None, None]  # [G, N, 1, 1]
     states = qc.new_empty(G, N, Dk, Dv)
-    S = _initial(qc, Dv, s0)
+    S = _initial(qc, Dv, s0).clone()  # updated in place below, never the caller's tensor
     for n in range(N):
         states[:, n] = S
         u = Ud[:, n].sub_(torch.bmm(W[:, n], S))
-        S = torch.baddbmm(S * a[:, n, -1, None, None], mT(kc[:, n] * g_[:, n]), u)
+        S.mul_(aC[:, n]).baddbmm_(mT(kg[:, n]), u)
     o = torch.matmul(qc, states).mul_(a.unsqueeze(-1))
     addmm_(o, torch.matmul(qc, mT(kc), out=T).mul_(D), Ud, beta=scale, alpha=scale)
     return o, S, (a, D, X, Ud, states)
@@ -216,21 +218,25 @@ def _delta_backward(qc, kc, vc, bc, gc, a, D, X, Ud, states, do_c, dS, scale):
     Reverse pass over chunks, with ``Z = X^T dU'``:
         dU'_n = scale (tril(Q K^T) * D)^T dO_n + (gamma K_n) dS_{n+1}
         dS_n  = a_C dS_{n+1} + scale (a Q_n)^T dO_n - (a K_n)^T diag(b) Z_n
-    The decay factors scale rows per chunk inside the loop and in place afterwards: on CPU a fresh full-size
-    temporary costs about as much as the multiplication itself.
+    After the loop the decay factors scale rows in place: on CPU a fresh full-size temporary costs about as
+    much as the multiplication itself.
     """
     G, N, C, Dk = qc.shape
     gamma = D[..., -1, :]
     b, a_, g_ = bc.unsqueeze(-1), a.unsqueeze(-1), gamma.unsqueeze(-1)
     QK = torch.matmul(qc, mT(kc)).tril_()
     Z = torch.matmul(mT(QK * D), do_c)  # chunk n becomes Z_n in the loop
+    # the loop's row-scaled operands, each formed once for all chunks
+    kg, qa, ba, aC = kc * g_, qc * a_, b * a_, a[..., -1, None, None]
     dS_next = torch.empty_like(states)
+    dS = dS.clone()  # updated in place below, never the incoming gradient itself
     for n in range(N - 1, -1, -1):
         dS_next[:, n] = dS
-        z = torch.bmm(mT(X[:, n]), torch.baddbmm(Z[:, n], kc[:, n] * g_[:, n], dS, beta=scale))
+        z = torch.bmm(mT(X[:, n]), torch.baddbmm(Z[:, n], kg[:, n], dS, beta=scale))
         Z[:, n] = z
-        dS = torch.baddbmm(dS * a[:, n, -1, None, None], mT(qc[:, n] * a_[:, n]), do_c[:, n], alpha=scale)
-        dS.baddbmm_(mT(kc[:, n]), z.mul_(b[:, n] * a_[:, n]), alpha=-1)  # z was copied: scale it in place
+        dS.mul_(aC[:, n]).baddbmm_(mT(qa[:, n]), do_c[:, n], alpha=scale)
+        dS.baddbmm_(mT(kc[:, n]), z.mul_(ba[:, n]), alpha=-1)  # z was copied: scale it in place
+    del kg, qa
 
     dPD = torch.matmul(do_c, mT(Ud)).mul_(D)  # d(tril(Q K^T) * D), unscaled, times D
     dOS = torch.matmul(do_c, mT(states))
@@ -241,17 +247,22 @@ def _delta_backward(qc, kc, vc, bc, gc, a, D, X, Ud, states, do_c, dS, scale):
     dk = addmm_(UdS.mul_(g_), mT(dPD), qc, alpha=scale)
     # dA = -tril(Z U'^T, -1) for A = diag(b) (K K^T * D); M collects the terms of dK and dbeta that are
     # multiplied by b and K: dK -= diag(b) M + (diag(b) (-dA) * D)^T K, dbeta = rowsum(Z V) - rowsum(K M).
-    negdA = torch.matmul(Z, mT(Ud)).tril_(-1)
+    negdA_D = torch.matmul(Z, mT(Ud)).tril_(-1).mul_(D)
     ZS = torch.matmul(Z, mT(states))
-    da.sub_(torch.linalg.vecdot(kc, ZS).mul_(bc))
-    negdA_D = negdA * D
+    kZS = torch.linalg.vecdot(kc, ZS)
+    da.sub_(kZS * bc)
     M = addmm_(ZS.mul_(a_), negdA_D, kc)
     dk.addcmul_(M, b, value=-1)
-    addmm_(dk, mT(negdA_D.mul_(b)), kc, alpha=-1)
-    dbeta = torch.linalg.vecdot(Z, vc).sub_(torch.linalg.vecdot(kc, M))
+    NT = torch.matmul(mT(negdA_D.mul_(b)), kc)  # (diag(b) (-dA) * D)^T K
+    dk.sub_(NT)
+    kM = torch.linalg.vecdot(kc, M)
+    dbeta = torch.linalg.vecdot(Z, vc).sub_(kM)
     # Gradient w.r.t. the decay factors: of a through (a Q) S_n and (a K) S_n, of D through both triangular
-    # products (dD * D = dPD * Q K^T * scale + dA * A), of gamma through the state's write.
-    A = torch.matmul(kc, mT(kc)).mul_(D).mul_(b).tril_(-1)
-    H = dPD.mul_(QK).mul_(scale).sub_(negdA.mul_(A))
-    dg = _log_decay_grad(a, da, H, gamma, dgamma, states, dS_next)
+    # products (dD * D = scale dPD * Q K^T + dA * A), of gamma through the state's write. The rows and columns
+    # of dA * A are sums the terms above already hold: with A = diag(b) (K K^T * D),
+    #   rowsum_t(-dA * A) = b_t k_t . ((-dA * D) K)_t = b_t (k_t . M_t - a_t k_t . (Z S^T)_t)
+    #   colsum_j(-dA * A) = k_j . ((diag(b) (-dA) * D)^T K)_j
+    H = dPD.mul_(QK).mul_(scale)
+    negdA_A_net = (kM - a * kZS).mul_(bc) - torch.linalg.vecdot(kc, NT)
+    dg = _log_decay_grad(a, da, H.sum(-1) - H.sum(-2) - negdA_A_net, gamma, dgamma, states, dS_next)
     return dq, dk, Z.mul_(b), dbeta, dg, dS
