@@ -12,6 +12,8 @@ State, per mixer (docs/token_mixers.md has the table):
   SoftmaxAttention     mem_len > 0: the segment memory `[B, M, d_model]`, M <= mem_len (its past inputs);
                        mem_len = 0: a key/value cache `(k, v)`, each `[B, H, T, d_head]`, used for decoding
   RelativeAttention    the segment memory `[B, M, d_model]`, M <= mem_len (Transformer-XL)
+  recurrent FWPs, SRWM every fast matrix, plus the last output (and cell) where the model is recurrent
+  LSTMMixer            `(h, c)`, each `[B, d_model]`
 `None` always means "empty". A state is a tensor, a tuple of tensors (or None entries), or None, so that
 `lmtool.models.state` can detach, move, split and merge it without knowing the mixer.
 """
