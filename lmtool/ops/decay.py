@@ -151,12 +151,12 @@ def _sum_forward(qc, kc, vc, gc, s0, scale):
     G, N, C, Dk = qc.shape
     Dv = vc.shape[-1]
     a, D, gamma = decay_factors(gc)
-    g_ = gamma.unsqueeze(-1)
+    kg, aC = kc * gamma.unsqueeze(-1), a[..., -1, None, None]
     states = qc.new_empty(G, N, Dk, Dv)
-    S = _initial(qc, Dv, s0)
+    S = _initial(qc, Dv, s0).clone()  # updated in place below, never the caller's tensor
     for n in range(N):
         states[:, n] = S
-        S = torch.baddbmm(S * a[:, n, -1, None, None], mT(kc[:, n] * g_[:, n]), vc[:, n])
+        S.mul_(aC[:, n]).baddbmm_(mT(kg[:, n]), vc[:, n])
     o = torch.matmul(qc, states).mul_(a.unsqueeze(-1))  # (a Q) S_n, the row scale applied to the product
     addmm_(o, torch.matmul(qc, mT(kc)).mul_(D), vc, beta=scale, alpha=scale)
     return o, S, (a, D, states)
@@ -167,10 +167,13 @@ def _sum_backward(qc, kc, vc, gc, a, D, states, do_c, dS, scale):
     G, N, C, Dk = qc.shape
     gamma = D[..., -1, :]
     a_, g_ = a.unsqueeze(-1), gamma.unsqueeze(-1)
+    qa, aC = qc * a_, a[..., -1, None, None]
     dS_next = torch.empty_like(states)
+    dS = dS.clone()  # updated in place below, never the incoming gradient itself
     for n in range(N - 1, -1, -1):
         dS_next[:, n] = dS
-        dS = torch.baddbmm(dS * a[:, n, -1, None, None], mT(qc[:, n] * a_[:, n]), do_c[:, n], alpha=scale)
+        dS.mul_(aC[:, n]).baddbmm_(mT(qa[:, n]), do_c[:, n], alpha=scale)
+    del qa
 
     QK = torch.matmul(qc, mT(kc)).tril_()
     dPD = torch.matmul(do_c, mT(vc)).mul_(D)  # d(tril(Q K^T) * D), unscaled, times D

@@ -23,6 +23,7 @@ from lmtool.ops.registry import (
 
 OP = "sum_rule"
 DEFAULT_CHUNK_SIZE = 64  # the fastest of 16/32/64/128 in scripts/bench_ops.py (docs/ops_benchmark.md)
+DECAY_CHUNK_SIZE = 32  # with a decay: its C x C factors make 64 about 1.2x slower than 32 (docs/ops_benchmark.md)
 
 
 def sum_rule(
@@ -104,14 +105,16 @@ def sum_rule_chunk(
     scale: float = 1.0,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunkwise-parallel form of :func:`sum_rule` with a hand-written backward (same signature).
 
-    ``chunk_size`` (default 64) tokens per chunk. The intra-chunk terms of all chunks are batched
-    matmuls; the chunk-start states are a running sum of the per-chunk ``K^T V`` (L / chunk_size small
-    steps, measured faster on CPU than ``torch.cumsum`` over the chunk dimension).
+    ``chunk_size`` tokens per chunk (default None: 64, or 32 with a decay ``g``). The intra-chunk terms of all
+    chunks are batched matmuls; the chunk-start states are a running sum of the per-chunk ``K^T V`` (L /
+    chunk_size small steps, measured faster on CPU than ``torch.cumsum`` over the chunk dimension).
     """
+    if chunk_size is None:
+        chunk_size = DEFAULT_CHUNK_SIZE if g is None else DECAY_CHUNK_SIZE
     if chunk_size < 1:
         raise ValueError(f"{OP}: chunk_size must be a positive integer, got {chunk_size}")
     if 0 in (q.shape[2], q.shape[3], v.shape[3]):
