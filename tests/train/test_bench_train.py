@@ -1,0 +1,39 @@
+"""scripts/bench_train.py times real training steps of the default run's models and counts their useful FLOPs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_train.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("bench_train", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_train_reports_every_configuration(capsys):
+    """One row per model x precision x threads, with positive step times and FLOP rates, on the smoke sizes."""
+    bench = load_script()
+    bench.main(["--override", "debug=smoke", "--threads", "1", "--steps", "1", "--json"])
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [(r["model"], r["precision"]) for r in rows] == [
+        ("fwm", "fp32"), ("fwm", "bf16"), ("transformer", "fp32"), ("transformer", "bf16"),
+    ]  # fmt: skip
+    assert all(r["ms_median"] > 0 and 0 < r["pct_of_mm_peak"] for r in rows)
+
+
+def test_useful_flops_count_the_linear_maps_and_the_mixer():
+    """Useful FLOPs per token: 6 x linear weights + 18 Dk Dv per head and layer for the delta rule."""
+    bench = load_script()
+    case = bench.Case("fwm", ["debug=smoke"], "fp32", 1)
+    m = case.cfg.model
+    linear = sum(x.weight.numel() for x in case.model.modules() if isinstance(x, torch.nn.Linear))
+    per_token = 6 * linear + m.n_layer * m.n_head * 18 * m.d_head**2
+    assert case.flops == per_token * case.inp.numel()
