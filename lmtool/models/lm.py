@@ -12,12 +12,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lmtool.layers.adaptive import AdaptiveEmbedding, AdaptiveLogSoftmax
 from lmtool.layers.feedforward import FeedForward
 from lmtool.layers.mixer import TokenMixer
+from lmtool.layers.output import linear_cross_entropy
 from lmtool.layers.positional import SinusoidalPositions
 from lmtool.models.state import LMState
 
@@ -183,10 +183,9 @@ class CausalLM(nn.Module):
             if tgt is None:
                 return self.output.log_prob(h.flatten(0, 1)).view(*h.shape[:2], -1), out_state
             return self.output(h.flatten(0, 1), tgt.flatten()).view_as(tgt), out_state
-        logits = self.output(h)
         if tgt is None:
-            return logits, out_state
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        nll = F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), reduction="none")
+            return self.output(h), out_state
+        # the output matmul and the loss in one function: no log-softmax copies of the [B L, V] logits
+        nll = linear_cross_entropy(h.flatten(0, 1), self.output.weight, self.output.bias, tgt.flatten())
         return nll.view_as(tgt), out_state
 
