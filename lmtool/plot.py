@@ -36,7 +36,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     runs = load_runs(find_runs(args.dirs))
     out = args.out or args.dirs[0] / f"curves_{args.x}.png"
-    plot_runs(runs, out, x=args.x, splits=args.splits)
+    left_out = plot_runs(runs, out, x=args.x, splits=args.splits)
+    if left_out:
+        print(f"lmtool-plot: no {args.x} axis recorded for (left out): {', '.join(left_out)}", file=sys.stderr)
     print(f"{len(runs)} run(s) -> {out}", file=sys.stderr)
 
 

@@ -5,12 +5,11 @@ Each line is labelled by the run's command-line overrides (``.hydra/overrides.ya
 has none or they do not tell the runs apart). The y axis is perplexity (word-level corpora, log scale) or bits
 per character (character-level ones); the x axis is the training step, the tokens trained on (``train_tokens``,
 or step x batch x tgt_len for older runs), or the run's wall time (``elapsed_s``; older runs have none and are
-left out of that plot with a warning).
+left out of that plot, and `lmtool-plot` names them).
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,8 +98,9 @@ def load_runs(paths: list[Path]) -> list[Run]:
     return runs
 
 
-def plot_runs(runs: list[Run], out: Path, *, x: str = "step", splits: tuple[str, ...] = SPLITS) -> Path:
-    """Draw one panel per split with one line per run into `out` (PNG); returns `out`."""
+def plot_runs(runs: list[Run], out: Path, *, x: str = "step", splits: tuple[str, ...] = SPLITS) -> list[str]:
+    """Draw one panel per split with one line per run into `out` (PNG); returns the labels of the runs left out
+    because their history has no such x axis (runs from before lmtool logged it)."""
     import matplotlib  # only plotting needs it, and importing it costs about a second
 
     matplotlib.use("Agg")
@@ -114,7 +114,8 @@ def plot_runs(runs: list[Run], out: Path, *, x: str = "step", splits: tuple[str,
         for run in runs:
             xs, ys = run.curve(split, x)
             if not xs:
-                skipped.add(run.label)
+                if run.curve(split, "step")[0]:  # rows, but without this axis (a run from before it was logged)
+                    skipped.add(run.label)
                 continue
             ax.plot(xs, ys, marker="." if len(xs) < 30 else None, label=run.label)
         ax.set_xlabel(X_AXES[x])
@@ -125,10 +126,8 @@ def plot_runs(runs: list[Run], out: Path, *, x: str = "step", splits: tuple[str,
         ax.grid(True, which="both", alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=7)
-    if skipped:
-        warnings.warn(f"lmtool-plot: no {x} axis or no rows for: {', '.join(sorted(skipped))}", stacklevel=2)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     plt.close(fig)
-    return out
+    return sorted(skipped)
