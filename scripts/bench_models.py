@@ -142,7 +142,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
     args = p.parse_args(argv)
-    args.models = [m for m in args.models.split(",") if m]
+    args.models = list(dict.fromkeys(m for m in args.models.split(",") if m))  # in order, once each
     unknown = [m for m in args.models if m not in MODELS]
     if unknown or not args.models:
         p.error(f"--models: unknown {','.join(unknown) or '(none given)'}; choose from {','.join(MODELS)}")
