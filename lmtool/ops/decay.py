@@ -35,6 +35,12 @@ def decay_factors(gc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return G.exp().to(gc.dtype), D, D[..., -1, :]
 
 
+def rowdot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``(x * y).sum(-1)`` as a batched matmul: no temporary of x's size, which on CPU would be a fresh buffer
+    (page faults) as costly as the product itself inside a backward that holds many such buffers."""
+    return torch.matmul(x.unsqueeze(-2), y.unsqueeze(-1)).squeeze(-1).squeeze(-1)
+
+
 def _chunk_inputs(tensors, C: int, dtype: torch.dtype):
     return [None if x is None else to_chunks(x, C, dtype) for x in tensors]
 
@@ -51,7 +57,7 @@ def _log_decay_grad(a, da, dD_net, gamma, dgamma, states, dS_next) -> torch.Tens
     dG = a * da + dD_net
     gd = gamma * dgamma
     dG.sub_(gd)
-    state_dot = torch.linalg.vecdot(states.flatten(-2), dS_next.flatten(-2))  # <S_n, dS_{n+1}>, no temporary
+    state_dot = rowdot(states.flatten(-2), dS_next.flatten(-2))  # <S_n, dS_{n+1}>
     dG[..., -1] += gd.sum(-1) + a[..., -1] * state_dot
     return dG.flip(-1).cumsum(-1).flip(-1)  # G_t = sum_{i<=t} g_i
 
@@ -178,10 +184,10 @@ def _sum_backward(qc, kc, vc, gc, a, D, states, do_c, dS, scale):
     QK = torch.matmul(qc, mT(kc)).tril_()
     dPD = torch.matmul(do_c, mT(vc)).mul_(D)  # d(tril(Q K^T) * D), unscaled, times D
     dOS = torch.matmul(do_c, mT(states))
-    da = torch.linalg.vecdot(qc, dOS).mul_(scale)
+    da = rowdot(qc, dOS).mul_(scale)
     dq = addmm_(dOS.mul_(a_), dPD, kc).mul_(scale)
     VdS = torch.matmul(vc, mT(dS_next))
-    dgamma = torch.linalg.vecdot(kc, VdS)
+    dgamma = rowdot(kc, VdS)
     dk = addmm_(VdS.mul_(g_), mT(dPD), qc, alpha=scale)
     dv = addmm_(torch.matmul(kc, dS_next).mul_(g_), mT(QK * D), do_c, alpha=scale)
     H = dPD.mul_(QK).mul_(scale)
@@ -243,29 +249,29 @@ def _delta_backward(qc, kc, vc, bc, gc, a, D, X, Ud, states, do_c, dS, scale):
 
     dPD = torch.matmul(do_c, mT(Ud)).mul_(D)  # d(tril(Q K^T) * D), unscaled, times D
     dOS = torch.matmul(do_c, mT(states))
-    da = torch.linalg.vecdot(qc, dOS).mul_(scale)
+    da = rowdot(qc, dOS).mul_(scale)
     dq = addmm_(dOS.mul_(a_), dPD, kc).mul_(scale)
     UdS = torch.matmul(Ud, mT(dS_next))
-    dgamma = torch.linalg.vecdot(kc, UdS)
+    dgamma = rowdot(kc, UdS)
     dk = addmm_(UdS.mul_(g_), mT(dPD), qc, alpha=scale)
     # dA = -tril(Z U'^T, -1) for A = diag(b) (K K^T * D); M collects the terms of dK and dbeta that are
     # multiplied by b and K: dK -= diag(b) M + (diag(b) (-dA) * D)^T K, dbeta = rowsum(Z V) - rowsum(K M).
     negdA_D = torch.matmul(Z, mT(Ud)).tril_(-1).mul_(D)
     ZS = torch.matmul(Z, mT(states))
-    kZS = torch.linalg.vecdot(kc, ZS)
+    kZS = rowdot(kc, ZS)
     da.sub_(kZS * bc)
     M = addmm_(ZS.mul_(a_), negdA_D, kc)
     dk.addcmul_(M, b, value=-1)
     NT = torch.matmul(mT(negdA_D.mul_(b)), kc)  # (diag(b) (-dA) * D)^T K
     dk.sub_(NT)
-    kM = torch.linalg.vecdot(kc, M)
-    dbeta = torch.linalg.vecdot(Z, vc).sub_(kM)
+    kM = rowdot(kc, M)
+    dbeta = rowdot(Z, vc).sub_(kM)
     # Gradient w.r.t. the decay factors: of a through (a Q) S_n and (a K) S_n, of D through both triangular
     # products (dD * D = scale dPD * Q K^T + dA * A), of gamma through the state's write. The rows and columns
     # of dA * A are sums the terms above already hold: with A = diag(b) (K K^T * D),
     #   rowsum_t(-dA * A) = b_t k_t . ((-dA * D) K)_t = b_t (k_t . M_t - a_t k_t . (Z S^T)_t)
     #   colsum_j(-dA * A) = k_j . ((diag(b) (-dA) * D)^T K)_j
     H = dPD.mul_(QK).mul_(scale)
-    negdA_A_net = (kM - a * kZS).mul_(bc) - torch.linalg.vecdot(kc, NT)
+    negdA_A_net = (kM - a * kZS).mul_(bc) - rowdot(kc, NT)
     dg = _log_decay_grad(a, da, H.sum(-1) - H.sum(-2) - negdA_A_net, gamma, dgamma, states, dS_next)
     return dq, dk, Z.mul_(b), dbeta, dg, dS
