@@ -216,6 +216,32 @@ def bench_row(op, label, fn, shape, dtype_name, mode, args, peak: MatmulPeak) ->
     }
 
 
+def decay_cost(op: str, fn, shape, dtype_name: str, args) -> dict:
+    """Forward+backward time of ``op`` with a decay over the same op without, timed in alternating pairs (the
+    order flips every repeat) so that load drifts cancel: the median and quartiles of the per-pair ratios."""
+    device = torch.device(args.device)
+    runs = {}
+    for name in (op, op + "+g"):
+        inputs, keywords, grad_o = make_inputs(name, shape, DTYPES[dtype_name], device, requires_grad=True)
+
+        def step(inputs=inputs, keywords=keywords, grad_o=grad_o):
+            o, _ = fn(*inputs, **keywords)
+            o.backward(grad_o)
+            for x in [*inputs, *keywords.values()]:
+                x.grad = None
+
+        step()  # warm-up
+        runs[name] = step
+    ratios = []
+    for i in range(args.repeats):
+        order = list(runs) if i % 2 == 0 else list(runs)[::-1]
+        t = {name: timed(runs[name], device) for name in order}
+        ratios.append(t[op + "+g"] / t[op])
+    q1, median, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+    return {"op": op, "shape": shape, "dtype": dtype_name, "pairs": len(ratios), "ratio_median": median,
+            "ratio_q1": q1, "ratio_q3": q3}  # fmt: skip
+
+
 def format_table(rows: list[dict]) -> str:
     head = (
         f"{'op':<12} {'impl':<12} {'shape B,H,L,Dk,Dv':<20} {'dtype':<5} {'mode':<7} {'ms':>9} "
@@ -250,6 +276,11 @@ def parse_args(argv=None):
         help="dtype of the reference mm: the rows' input dtype, or fp32 (default: input on CUDA, fp32 on CPU)",
     )
     p.add_argument("--max-recurrent-len", type=int, help="skip 'recurrent' above this L (CPU 256, CUDA 2048)")
+    p.add_argument(
+        "--decay-ratio",
+        action="store_true",
+        help="instead of the table: the time with a decay over the time without, fwd+bwd, in alternating pairs",
+    )
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of the table")
     return p.parse_args(argv)
 
@@ -286,7 +317,24 @@ def main(argv=None) -> None:
             f"# % peak: useful FLOP/s over a 2048x2048 torch.mm in dtype '{args.peak_dtype}', timed before each repeat"
         )
         print(f"# load average (1, 5, 15 min) before: {meta['load_avg_before']}")
-        print("\n".join(format_table([]).splitlines()[:2]), flush=True)
+        if not args.decay_ratio:
+            print("\n".join(format_table([]).splitlines()[:2]), flush=True)
+
+    if args.decay_ratio:
+        results = []
+        for op in dict.fromkeys(base_op(o)[0] for o in args.ops.split(",")):
+            for label, fn in forms(op, device, impls, chunk_sizes):
+                for shape in shapes:
+                    for dtype_name in dtype_names:
+                        r = {**decay_cost(op, fn, shape, dtype_name, args), "impl": label}
+                        results.append(r)
+                        if not args.json:
+                            print(f"{op:<12} {label:<12} {','.join(map(str, shape)):<20} {dtype_name:<5} decay costs "
+                                  f"{r['ratio_median']:.3f}x (quartiles {r['ratio_q1']:.3f}-{r['ratio_q3']:.3f}, "
+                                  f"{r['pairs']} pairs)", flush=True)  # fmt: skip
+        if args.json:
+            print(json.dumps({"meta": meta, "decay_ratios": results}, indent=1, default=str))
+        return
 
     rows = []
     for op in args.ops.split(","):
