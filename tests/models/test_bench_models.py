@@ -2,27 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_models.py"
+from tests.helpers import load_script
+
 TINY = ["--batch-size", "2", "--tgt-len", "3", "--vocab", "50", "--steps", "1", "--repeats", "2", "--warmup", "0"]
 
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("bench_models", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_bench_models_reports_every_model_against_the_delta_net(capsys):
     """One row per model (all of them by default) with steps from every round, tokens/s = tokens / median
     step time, the Delta Network's ratio 1, and the load averages before and after."""
-    bench = load_script()
+    bench = load_script("bench_models")
     bench.main([*TINY, "--threads", "1", "--json"])
     result = json.loads(capsys.readouterr().out)
     rows = result["rows"]
@@ -37,7 +30,7 @@ def test_bench_models_reports_every_model_against_the_delta_net(capsys):
 
 def test_bench_models_table_without_the_baseline(capsys):
     """A subset without the Delta Network prints a table with no ratios and says why."""
-    bench = load_script()
+    bench = load_script("bench_models")
     bench.main([*TINY, "--threads", "1", "--models", "lstm"])
     out, err = capsys.readouterr()
     assert "LSTM (lstm)" in out and "load average after" in out and "no ratios" in err
@@ -46,4 +39,4 @@ def test_bench_models_table_without_the_baseline(capsys):
 def test_bench_models_refuses_unknown_models():
     """An unknown model name is refused by the argument parser with the list of choices."""
     with pytest.raises(SystemExit):
-        load_script().main(["--models", "fwm,gpt"])
+        load_script("bench_models").main(["--models", "fwm,gpt"])

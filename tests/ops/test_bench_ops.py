@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_ops.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("bench_ops", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import load_script
 
 
 def test_bench_ops_reports_decayed_and_plain_rows(capsys):
     """One row per op and mode with positive times and FLOP rates; "+g" rows count the op's useful FLOPs."""
-    bench = load_script()
+    bench = load_script("bench_ops")
     argv = ["--grid", "small", "--ops", "delta_rule,delta_rule+g,sum_rule+g", "--impls", "chunk", "--repeats", "1"]
     bench.main([*argv, "--json", "--modes", "fwd+bwd"])
     rows = json.loads(capsys.readouterr().out)["rows"]
@@ -31,7 +22,7 @@ def test_bench_ops_reports_decayed_and_plain_rows(capsys):
 
 def test_bench_ops_decay_ratio_in_alternating_pairs(capsys):
     """--decay-ratio times each op with and without a decay in pairs and reports the median ratio and quartiles."""
-    bench = load_script()
+    bench = load_script("bench_ops")
     bench.main(["--grid", "small", "--impls", "chunk", "--repeats", "3", "--decay-ratio", "--json"])
     results = json.loads(capsys.readouterr().out)["decay_ratios"]
     assert [r["op"] for r in results] == ["delta_rule", "sum_rule"]

@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_train.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("bench_train", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import load_script
 
 
 def test_bench_train_reports_every_configuration(capsys):
     """One row per model x precision x threads, with positive step times and FLOP rates, on the smoke sizes."""
-    bench = load_script()
+    bench = load_script("bench_train")
     bench.main(["--override", "debug=smoke", "--threads", "1", "--steps", "1", "--json"])
     rows = json.loads(capsys.readouterr().out)["rows"]
     assert [(r["model"], r["precision"]) for r in rows] == [
@@ -31,7 +22,7 @@ def test_bench_train_reports_every_configuration(capsys):
 
 def test_useful_flops_count_the_linear_maps_and_the_mixer():
     """Useful FLOPs per token: 6 x linear weights + 18 Dk Dv per head and layer for the delta rule."""
-    bench = load_script()
+    bench = load_script("bench_train")
     case = bench.Case("fwm", ["debug=smoke"], "fp32", 1)
     m = case.cfg.model
     linear = sum(x.weight.numel() for x in case.model.modules() if isinstance(x, torch.nn.Linear))
