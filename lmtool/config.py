@@ -275,6 +275,16 @@ def _validate_memory_and_adaptive(model: Any) -> None:
         raise ConfigError("model.cutoffs and model.div_val configure the adaptive softmax: set model.adaptive=true")
 
 
+def compose_config(*overrides: str, config_name: str = "config") -> Any:
+    """`conf/<config_name>.yaml` composed with Hydra overrides outside a Hydra app (tests, benchmark scripts),
+    the typed schemas registered first."""
+    from hydra import compose, initialize_config_module  # only callers outside the entry points need it
+
+    register_configs()
+    with initialize_config_module("lmtool.conf", version_base="1.3"):
+        return compose(config_name, overrides=list(overrides))
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)

@@ -23,16 +23,13 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_train, also when loaded by file path
 
-from lmtool.models.build import build_model  # noqa: E402
-from lmtool.train.optim import build_optimizer  # noqa: E402
-from tests.helpers import compose_config  # noqa: E402
+from bench_train import Case  # noqa: E402  (one training step of a composed model on random tokens)
 
 MODELS = ["fwm", "delta_mlp", "delta_delta", "delta_rnn", "delta_lstm", "rec_delta", "srwm", "lstm"]
 LABELS = {
@@ -49,39 +46,18 @@ BASELINE = "fwm"
 VOCAB = 10_000  # PTB's word vocabulary
 
 
-class Trainee:
-    """One model with its optimizer and a fixed random batch; `step()` is one training step."""
-
-    def __init__(self, name: str, batch_size: int, tgt_len: int, vocab: int, seed: int) -> None:
-        overrides = [f"model={name}"] + (["update_rule=delta", "feature_map=elu"] if name == "fwm" else [])
-        cfg = compose_config(*overrides)
-        torch.manual_seed(seed)
-        self.name = name
-        self.model = build_model(cfg, vocab).train()
-        self.optimizer = build_optimizer(cfg.optimizer, self.model.parameters())
-        self.clip = cfg.trainer.clip
-        g = torch.Generator().manual_seed(seed)
-        tokens = torch.randint(vocab, (batch_size, tgt_len + 1), generator=g)
-        self.inp, self.tgt = tokens[:, :-1], tokens[:, 1:]
-        self.params = sum(p.numel() for p in self.model.parameters())
-
-    def step(self) -> float:
-        """One training step (forward, backward, clip, optimizer step); returns its wall time in seconds."""
-        start = time.perf_counter()
-        nll, _ = self.model(self.inp, self.tgt)
-        nll.mean().backward()
-        if self.clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return time.perf_counter() - start
+def trainee(name: str, args: argparse.Namespace) -> Case:
+    """The model `name` (the Delta Network for `fwm`) with its optimizer and a random batch of the given shape."""
+    overrides = [f"model={name}"] + (["update_rule=delta", "feature_map=elu"] if name == "fwm" else [])
+    return Case(name, overrides, "fp32", args.threads, seed=args.seed, vocab=args.vocab,
+                batch_size=args.batch_size, tgt_len=args.tgt_len)  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     names = args.models
     load_before = os.getloadavg()
-    trainees = [Trainee(n, args.batch_size, args.tgt_len, args.vocab, args.seed) for n in names]
+    trainees = [trainee(n, args) for n in names]
     for t in trainees:
         for _ in range(args.warmup):
             t.step()

@@ -28,20 +28,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from hydra import compose, initialize_config_module  # noqa: E402
-
-import lmtool.train  # noqa: E402, F401  (registers the config schemas)
+from lmtool.config import compose_config  # noqa: E402
 from lmtool.models.build import build_model  # noqa: E402
 from lmtool.train.device import autocast  # noqa: E402
 from lmtool.train.optim import build_optimizer  # noqa: E402
 
 VOCAB = 10_000  # PTB's vocabulary (with <eos>)
 MODELS = {"fwm": [], "transformer": ["model=transformer"]}
-
-
-def compose_config(overrides: list[str]):
-    with initialize_config_module("lmtool.conf", version_base="1.3"):
-        return compose("config", overrides=overrides)
 
 
 def useful_flops_per_token(model: torch.nn.Module, cfg) -> float:
@@ -58,18 +51,21 @@ def useful_flops_per_token(model: torch.nn.Module, cfg) -> float:
 
 
 class Case:
-    """One model x precision x thread count, with its model, optimizer and random batch."""
+    """One model x precision x thread count, with its model, optimizer and a fixed random batch (the run's
+    batch_size x tgt_len unless given) from a `vocab`-word vocabulary. Also used by scripts/bench_models.py."""
 
-    def __init__(self, name: str, overrides: list[str], precision: str, threads: int, seed: int = 0):
+    def __init__(self, name: str, overrides: list[str], precision: str, threads: int, *, seed: int = 0,
+                 vocab: int = VOCAB, batch_size: int | None = None, tgt_len: int | None = None):  # fmt: skip
         self.name, self.precision, self.threads = name, precision, threads
-        self.cfg = compose_config(overrides)
+        self.cfg = compose_config(*overrides)
         torch.manual_seed(seed)
-        self.model = build_model(self.cfg, VOCAB)
-        self.model.train()
+        self.model = build_model(self.cfg, vocab).train()
+        self.params = sum(p.numel() for p in self.model.parameters())
         self.optimizer = build_optimizer(self.cfg.optimizer, self.model.parameters())
         t = self.cfg.trainer
-        self.inp = torch.randint(0, VOCAB, (t.batch_size, t.tgt_len))
-        self.tgt = torch.randint(0, VOCAB, (t.batch_size, t.tgt_len))
+        g = torch.Generator().manual_seed(seed)
+        tokens = torch.randint(vocab, (batch_size or t.batch_size, (tgt_len or t.tgt_len) + 1), generator=g)
+        self.inp, self.tgt = tokens[:, :-1], tokens[:, 1:]
         self.flops = useful_flops_per_token(self.model, self.cfg) * self.inp.numel()
 
     def step(self) -> float:
@@ -79,7 +75,8 @@ class Case:
         with autocast(torch.device("cpu"), self.precision):
             nll, _ = self.model(self.inp, self.tgt)
         nll.mean().backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.trainer.clip)
+        if self.cfg.trainer.clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.trainer.clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return time.perf_counter() - start
