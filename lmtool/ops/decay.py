@@ -152,6 +152,22 @@ class DecayedSumChunk(_DecayedChunk):
         return (*_DecayedChunk._grads(ctx, do, dsN, _sum_backward), None, None, None)
 
 
+def _output_and_write_grads(qc, kc, vals, a, D, gamma, states, dS_next, do_c, scale):
+    """The terms both rules share, with ``vals`` = V (sum rule) or U' (delta rule) the written values:
+    ``O = scale ((a Q) S_n + (Q K^T * D) vals)`` and the write ``(gamma K)^T vals`` into the next state.
+
+    Returns ``dPD`` (= dO vals^T * D, unscaled: the gradient of ``Q K^T * D`` over scale, times D), dq, the
+    output's and the write's part of dk, and the gradients of the factors a (through ``a Q``) and gamma."""
+    dPD = torch.matmul(do_c, mT(vals)).mul_(D)
+    dOS = torch.matmul(do_c, mT(states))
+    da = rowdot(qc, dOS).mul_(scale)
+    dq = addmm_(dOS.mul_(a.unsqueeze(-1)), dPD, kc).mul_(scale)
+    vdS = torch.matmul(vals, mT(dS_next))
+    dgamma = rowdot(kc, vdS)
+    dk = addmm_(vdS.mul_(gamma.unsqueeze(-1)), mT(dPD), qc, alpha=scale)
+    return dPD, dq, dk, da, dgamma
+
+
 def _sum_forward(qc, kc, vc, gc, s0, scale):
     """``O = scale ((a Q) S_n + (tril(Q K^T) * D) V)``, ``S_{n+1} = a_C S_n + (gamma K)^T V``."""
     G, N, C, Dk = qc.shape
@@ -182,13 +198,7 @@ def _sum_backward(qc, kc, vc, gc, a, D, states, do_c, dS, scale):
     del qa
 
     QK = torch.matmul(qc, mT(kc)).tril_()
-    dPD = torch.matmul(do_c, mT(vc)).mul_(D)  # d(tril(Q K^T) * D), unscaled, times D
-    dOS = torch.matmul(do_c, mT(states))
-    da = rowdot(qc, dOS).mul_(scale)
-    dq = addmm_(dOS.mul_(a_), dPD, kc).mul_(scale)
-    VdS = torch.matmul(vc, mT(dS_next))
-    dgamma = rowdot(kc, VdS)
-    dk = addmm_(VdS.mul_(g_), mT(dPD), qc, alpha=scale)
+    dPD, dq, dk, da, dgamma = _output_and_write_grads(qc, kc, vc, a, D, gamma, states, dS_next, do_c, scale)
     dv = addmm_(torch.matmul(kc, dS_next).mul_(g_), mT(QK * D), do_c, alpha=scale)
     H = dPD.mul_(QK).mul_(scale)
     dg = _log_decay_grad(a, da, H.sum(-1) - H.sum(-2), gamma, dgamma, states, dS_next)
@@ -247,13 +257,7 @@ def _delta_backward(qc, kc, vc, bc, gc, a, D, X, Ud, states, do_c, dS, scale):
         dS.baddbmm_(mT(kc[:, n]), z.mul_(ba[:, n]), alpha=-1)  # z was copied: scale it in place
     del kg, qa
 
-    dPD = torch.matmul(do_c, mT(Ud)).mul_(D)  # d(tril(Q K^T) * D), unscaled, times D
-    dOS = torch.matmul(do_c, mT(states))
-    da = rowdot(qc, dOS).mul_(scale)
-    dq = addmm_(dOS.mul_(a_), dPD, kc).mul_(scale)
-    UdS = torch.matmul(Ud, mT(dS_next))
-    dgamma = rowdot(kc, UdS)
-    dk = addmm_(UdS.mul_(g_), mT(dPD), qc, alpha=scale)
+    dPD, dq, dk, da, dgamma = _output_and_write_grads(qc, kc, Ud, a, D, gamma, states, dS_next, do_c, scale)
     # dA = -tril(Z U'^T, -1) for A = diag(b) (K K^T * D); M collects the terms of dK and dbeta that are
     # multiplied by b and K: dK -= diag(b) M + (diag(b) (-dA) * D)^T K, dbeta = rowsum(Z V) - rowsum(K M).
     negdA_D = torch.matmul(Z, mT(Ud)).tril_(-1).mul_(D)
