@@ -35,6 +35,15 @@ def from_chunks(x: torch.Tensor, shape: tuple[int, int, int], dtype: torch.dtype
     return x.to(dtype).contiguous().view(B, H, L, *feat)
 
 
+def chunk_state(qc: torch.Tensor, Dv: int, s: torch.Tensor | None) -> torch.Tensor:
+    """``s`` ``[B, H, Dk, Dv]`` (a state or its gradient) as ``[G, Dk, Dv]`` in the chunks' dtype, zeros if None.
+
+    It may be ``s`` itself (a view): callers that update it in place clone it first.
+    """
+    G, Dk = qc.shape[0], qc.shape[-1]
+    return qc.new_zeros(G, Dk, Dv) if s is None else s.reshape(G, Dk, Dv).to(qc.dtype)
+
+
 def mT(x: torch.Tensor) -> torch.Tensor:
     """Transpose of the last two dims (a view; BLAS reads it without a copy)."""
     return x.transpose(-1, -2)

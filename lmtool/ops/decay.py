@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 from torch.autograd.function import once_differentiable
 
-from lmtool.ops.chunking import addmm_, all_finite, from_chunks, mT, to_chunks
+from lmtool.ops.chunking import addmm_, all_finite, chunk_state, from_chunks, mT, to_chunks
 from lmtool.ops.registry import compute_dtype
 
 
@@ -44,10 +44,6 @@ def rowdot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def _chunk_inputs(tensors, C: int, dtype: torch.dtype):
     return [None if x is None else to_chunks(x, C, dtype) for x in tensors]
 
-
-def _initial(qc: torch.Tensor, Dv: int, s: torch.Tensor | None) -> torch.Tensor:
-    G, Dk = qc.shape[0], qc.shape[-1]
-    return qc.new_zeros(G, Dk, Dv) if s is None else s.reshape(G, Dk, Dv).to(qc.dtype)
 
 
 def _log_decay_grad(a, da, dD_net, gamma, dgamma, states, dS_next) -> torch.Tensor:
@@ -99,7 +95,7 @@ class _DecayedChunk(torch.autograd.Function):
             grads, ds0 = _reference_grads(reference, inputs[:-1], inputs[-1], s0, scale, do, dsN)
         else:
             do_c = qc.new_zeros(G, N, C, Dv) if do is None else to_chunks(do, C, qc.dtype)
-            *grads, dS0 = backward(*chunks, *extra, do_c, _initial(qc, Dv, dsN), scale)
+            *grads, dS0 = backward(*chunks, *extra, do_c, chunk_state(qc, Dv, dsN), scale)
             grads = [from_chunks(x, (B, H, L), x.dtype) for x in grads]
             ds0 = dS0.view(B, H, Dk, Dv)
         grads = [x.to(dt) for x, dt in zip(grads, dtypes, strict=True)]
@@ -175,7 +171,7 @@ def _sum_forward(qc, kc, vc, gc, s0, scale):
     a, D, gamma = decay_factors(gc)
     kg, aC = kc * gamma.unsqueeze(-1), a[..., -1, None, None]
     states = qc.new_empty(G, N, Dk, Dv)
-    S = _initial(qc, Dv, s0).clone()  # updated in place below, never the caller's tensor
+    S = chunk_state(qc, Dv, s0).clone()  # updated in place below, never the caller's tensor
     for n in range(N):
         states[:, n] = S
         S.mul_(aC[:, n]).baddbmm_(mT(kg[:, n]), vc[:, n])
@@ -221,7 +217,7 @@ def _delta_forward(qc, kc, vc, bc, gc, s0, scale):
     kg = kc * gamma.unsqueeze(-1)
     aC = a[..., -1, None, None]  # [G, N, 1, 1]
     states = qc.new_empty(G, N, Dk, Dv)
-    S = _initial(qc, Dv, s0).clone()  # updated in place below, never the caller's tensor
+    S = chunk_state(qc, Dv, s0).clone()  # updated in place below, never the caller's tensor
     for n in range(N):
         states[:, n] = S
         u = Ud[:, n].sub_(torch.bmm(W[:, n], S))

@@ -11,7 +11,16 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from lmtool.ops.chunking import addmm_, all_finite, from_chunks, mT, to_chunks, tri_matmul, unit_lower_inverse
+from lmtool.ops.chunking import (
+    addmm_,
+    all_finite,
+    chunk_state,
+    from_chunks,
+    mT,
+    to_chunks,
+    tri_matmul,
+    unit_lower_inverse,
+)
 from lmtool.ops.decay import DecayedDeltaChunk
 from lmtool.ops.registry import (
     check_inputs,
@@ -185,11 +194,6 @@ class _DeltaRuleChunk(torch.autograd.Function):
         return (*grads, ds0, None, None)
 
 
-def _initial_state(qc: torch.Tensor, Dv: int, s: torch.Tensor | None) -> torch.Tensor:
-    """``s`` ``[B, H, Dk, Dv]`` as ``[G, Dk, Dv]`` in the compute dtype, zeros if None (a state or its gradient)."""
-    G, Dk = qc.shape[0], qc.shape[-1]
-    return qc.new_zeros(G, Dk, Dv) if s is None else s.reshape(G, Dk, Dv).to(qc.dtype)
-
 
 def _forward(qc, kc, vc, bc, s0, scale):
     """The chunkwise forward for finite inputs: ``(o, S_final, X, U', states)``, o in chunks ``[G, N, C, Dv]``.
@@ -211,7 +215,7 @@ def _forward(qc, kc, vc, bc, s0, scale):
     # The only sequential part: U'_n = U_n - W_n S_n ;  S_{n+1} = S_n + K_n^T U'_n.
     # Matmul results are fresh contiguous [G, ., .] tensors: strided outputs would leave BLAS's batched path.
     states = qc.new_empty(G, N, Dk, Dv)
-    S = _initial_state(qc, Dv, s0)
+    S = chunk_state(qc, Dv, s0)
     for n in range(N):
         states[:, n] = S
         u = Ud[:, n].sub_(torch.bmm(W[:, n], S))
@@ -240,7 +244,7 @@ def _forward_isolating(qc, kc, vc, bc, s0, scale, L):
     Ud = tri_matmul(X, vc * b)
     pad = N * C - L
     states = qc.new_empty(G, N, Dk, Dv)
-    S = _initial_state(qc, Dv, s0)
+    S = chunk_state(qc, Dv, s0)
     for n in range(N):
         states[:, n] = S
         u = Ud[:, n].sub_(torch.bmm(W[:, n], S))
@@ -265,7 +269,7 @@ def _backward(qc, kc, vc, bc, X, Ud, states, do_c, dsN, scale, L):
     P = torch.matmul(qc, mT(kc)).tril_()
     Z = torch.matmul(mT(P), do_c)  # tril(Q K^T)^T dO; chunk n is overwritten by Z_n in the loop
     dS_next = qc.new_empty(G, N, Dk, Dv)
-    dS = _initial_state(qc, Dv, dsN)  # the final state's gradient
+    dS = chunk_state(qc, Dv, dsN)  # the final state's gradient
     for n in range(N - 1, -1, -1):
         dS_next[:, n] = dS
         z = torch.bmm(mT(X[:, n]), torch.baddbmm(Z[:, n], kc[:, n], dS, beta=scale))
@@ -302,7 +306,7 @@ def _backward_isolating(qc, kc, vc, bc, X, Ud, states, do_c, dsN, scale, L):
     P = torch.matmul(qc, mT(kc)).tril_()
     Z = tri_matmul(mT(P), do_c, upper=True)
     dS_next = qc.new_empty(G, N, Dk, Dv)
-    dS = _initial_state(qc, Dv, dsN)
+    dS = chunk_state(qc, Dv, dsN)
     for n in range(N - 1, -1, -1):
         dS_next[:, n] = dS
         z = tri_matmul(mT(X[:, n]), torch.baddbmm(Z[:, n], kc[:, n], dS, beta=scale), upper=True)

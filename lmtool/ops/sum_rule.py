@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from lmtool.ops.chunking import addmm_, all_finite, from_chunks, mT, to_chunks, tri_matmul
+from lmtool.ops.chunking import addmm_, all_finite, chunk_state, from_chunks, mT, to_chunks, tri_matmul
 from lmtool.ops.decay import DecayedSumChunk
 from lmtool.ops.registry import (
     check_inputs,
@@ -148,7 +148,7 @@ class _SumRuleChunk(torch.autograd.Function):
         # Chunk-start states S_n = S_0 + sum_{m<n} K_m^T V_m: a running sum over chunks, one bmm each
         # (fresh contiguous results take BLAS's batched path; they are copied into the buffer).
         states = qc.new_empty(G, N, Dk, Dv)
-        S = qc.new_zeros(G, Dk, Dv) if s0 is None else s0.reshape(G, Dk, Dv).to(dtype)
+        S = chunk_state(qc, Dv, s0)
         for n in range(N):
             states[:, n] = S
             S = torch.baddbmm(S, mT(kc[:, n]), vc[:, n])
@@ -194,7 +194,7 @@ def _backward(qc, kc, vc, states, do_c, dsN, scale, needs, *, isolate):
     Dv = vc.shape[-1]
     # dS_next[:, n]: gradient w.r.t. the state after chunk n = dS_N + scale sum_{m>n} Q_m^T dO_m.
     dS_next = qc.new_empty(G, N, Dk, Dv)
-    dS = qc.new_zeros(G, Dk, Dv) if dsN is None else dsN.reshape(G, Dk, Dv).to(qc.dtype)
+    dS = chunk_state(qc, Dv, dsN)
     for n in range(N - 1, -1, -1):
         dS_next[:, n] = dS
         dS = torch.baddbmm(dS, mT(qc[:, n]), do_c[:, n], alpha=scale)

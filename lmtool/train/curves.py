@@ -36,14 +36,14 @@ class Run:
 
     def curve(self, split: str, x: str) -> tuple[list[float], list[float]]:
         """(x, y) of the split's rows during training (final evaluations excluded); empty where x is unknown."""
-        xs, ys = [], []
+        xs, ys, metric = [], [], self.metric
         for r in self.history:
-            if r["split"] != split or r.get("final") or self.metric not in r:
+            if r["split"] != split or r.get("final") or metric not in r:
                 continue
             value = self._x(r, x)
             if value is not None:
                 xs.append(value)
-                ys.append(r[self.metric])
+                ys.append(r[metric])
         return xs, ys
 
     def _x(self, record: dict, x: str) -> float | None:

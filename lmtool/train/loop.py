@@ -106,12 +106,10 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------------
 
-    def elapsed_s(self) -> float:
-        """Wall time of this run so far: the attempts before the last resume plus this one's."""
-        return self.elapsed_before + time.perf_counter() - self.attempt_start
-
     def _progress(self) -> dict:
-        return {"train_tokens": self.train_tokens, "elapsed_s": round(self.elapsed_s(), 3)}
+        """Tokens trained on so far and the run's wall time: the attempts before the last resume plus this one."""
+        elapsed = self.elapsed_before + time.perf_counter() - self.attempt_start
+        return {"train_tokens": self.train_tokens, "elapsed_s": round(elapsed, 3)}
 
     def _identity(self) -> dict:
         return {
@@ -132,7 +130,7 @@ class Trainer:
             "best_valid": self.best_valid,
             "best_step": self.best_step,
             "train_window": {"loss": self.window_loss, "steps": self.window_steps},
-            "progress": {"train_tokens": self.train_tokens, "elapsed_s": self.elapsed_s()},
+            "progress": self._progress(),
             "wandb_run_id": self.writer.wandb_run_id,
             "config": OmegaConf.to_container(self.cfg, resolve=True),
             "metric": self.corpus.metric,
