@@ -15,9 +15,13 @@
 //   resid       [B, H, L, Dv]  float32, contiguous: r_t = v_t - S_{t-1}^T k_t (delta rule only)
 //   ckpt        [B, H, N, Dv, Dk] float32, contiguous: S after token t for every t + 1 = C, 2C, .. < L,
 //               stored column-major (transposed) so that a thread's rows are contiguous
-//   dq_part, dk_part [T, B, H, L, Dk] float32: one partial sum per column tile of S, summed by the caller
-//   dbeta_part  [T, B, H, L]   float32, likewise
-//   dg_part     [T, B, H, L]   float32, likewise (with g only)
+//   dq, dk      [B, H, L, Dk]  float32, contiguous: sums over all columns of S; the column tiles of one sequence
+//               add theirs in tile order (tile 0 stores, tile y adds after tile y - 1: deterministic, no buffer
+//               per tile); the order is kept through tile_done
+//   dbeta       [B, H, L]      float32, contiguous, likewise (delta rule only)
+//   dg          [B, H, L]      float32, contiguous, likewise (with g only)
+//   tile_done   [B, H, T]      int32, zeros (T = backward_tiles(); nullable when T = 1): per sequence and tile, the
+//               number of flush windows whose sums that tile has added
 //   scratch     backward_scratch_per_sequence() floats per sequence (with g only): the states of one checkpoint
 //               segment, recomputed forward from its checkpoint (the backward never divides by exp(g_t))
 #pragma once
@@ -30,6 +34,13 @@ enum DType : int { kFloat32 = 0, kBFloat16 = 1 };
 
 // Largest key width the kernels handle (rows of S held per thread are a compile-time count).
 constexpr int kMaxDk = 512;
+
+// Block layout overrides (0 / true: the launchers' choice). Tests use them to run several layouts on one shape.
+struct LayoutOverride {
+  int warps = 0;           // warps per block
+  int flush = 0;           // backward: tokens between two flushes of the column sums (a multiple of the prefetch)
+  bool vectorize = true;   // false: scalar loads of q and k even where vector loads are possible
+};
 
 struct Strides {
   int64_t b = 0, h = 0, t = 0;  // in elements; the feature dimension has stride 1
@@ -52,6 +63,7 @@ struct ForwardArgs {
   float* resid = nullptr;        // nullable; delta rule, for the backward
   float* ckpt = nullptr;         // nullable; for the backward
   int ckpt_every = 64;           // C
+  LayoutOverride layout;
 };
 
 struct BackwardArgs {
@@ -72,24 +84,27 @@ struct BackwardArgs {
   const float* d_final_state = nullptr;  // nullable: zeros
   const float* ckpt = nullptr;           // nullable when L <= C
   int ckpt_every = 64;
-  float* dq_part = nullptr;
-  float* dk_part = nullptr;
+  float* dq = nullptr;
+  float* dk = nullptr;
   void* dv = nullptr;
-  float* dbeta_part = nullptr;  // delta rule only
-  float* dg_part = nullptr;     // with g only
-  float* scratch = nullptr;     // with g only: backward_scratch_per_sequence(Dk, Dv, L, ckpt_every) * B * H floats
+  float* dbeta = nullptr;       // delta rule only
+  float* dg = nullptr;          // with g only
+  int* tile_done = nullptr;     // B * H * backward_tiles() zeros; nullable when backward_tiles() == 1
+  float* scratch = nullptr;     // with g only: backward_scratch_per_sequence() * B * H floats
   float* d_initial_state = nullptr;
+  LayoutOverride layout;
 };
 
 // Number of checkpoints the forward stores for the backward: one per multiple of C below L.
 inline int num_checkpoints(int L, int ckpt_every) { return L > 0 ? (L - 1) / ckpt_every : 0; }
 
-// Number of column tiles of S the backward splits Dv into (the leading size of the partial sums).
-int backward_tiles(int Dk, int Dv, bool decay);
+// Number of column tiles of S the backward splits Dv into (blocks per sequence; the size of tile_done per sequence),
+// for the sizes, decay (g non-null) and layout of `args`.
+int backward_tiles(const BackwardArgs& args);
 
 // Floats of scratch the backward with a decay needs per sequence: min(C, L) states of its column tiles (rows
 // padded to the tile's DkPad), the states of one checkpoint segment recomputed forward. 0 when Dk > kMaxDk.
-int64_t backward_scratch_per_sequence(int Dk, int Dv, int L, int ckpt_every);
+int64_t backward_scratch_per_sequence(const BackwardArgs& args);
 
 // Launch on `stream` (a cudaStream_t). Return 0 (cudaSuccess) or a CUDA error code; errors that the
 // caller should have prevented (bad sizes) return -1.

@@ -33,8 +33,11 @@
 //
 // dq_t, dk_t and dbeta_t are sums over all columns: first over the column groups of a warp (a transposing
 // shuffle reduction), then over the block's warps through shared memory, flushed every `flush` tokens between
-// two barriers at the top level of the loop (never inside a branch), and finally over the column tiles by
-// the caller (per-tile partial sums, a deterministic order).
+// two barriers at the top level of the loop (never inside a branch), and finally over the column tiles in place:
+// tile 0 stores its sums of a flush window, tile y waits until tile y - 1 has added its sums of that window
+// (tile_done, one counter per sequence and tile) and adds its own. The order is fixed, so the result is
+// deterministic, and no buffer per tile is needed. Blocks are dispatched in increasing linear index (tile-major),
+// so a block only ever waits for a block that is already running or done (as in CUB's decoupled look-back).
 //
 // The launcher is in fast_weight_backward.cu; this header holds the device code and the block layout
 // (tests/ops/test_cuda.py also runs it on the CPU under a small SIMT emulation).
@@ -104,12 +107,17 @@ __global__ void __launch_bounds__(kBwdMaxWarps * 32)
   const float* g = DECAY ? a.g + b * a.sg.b + h * a.sg.h : nullptr;
   const float* ckpt = a.ckpt ? a.ckpt + static_cast<int64_t>(bh) * n_ckpt * Dv * Dk : nullptr;
   T* dv = static_cast<T*>(a.dv) + static_cast<int64_t>(bh) * L * Dv;
-  const int64_t part = static_cast<int64_t>(blockIdx.y) * BH + bh;  // this block's slice of the partial sums
-  float* dq_part = a.dq_part + part * L * Dk;
-  float* dk_part = a.dk_part + part * L * Dk;
-  float* dbeta_part = DELTA ? a.dbeta_part + part * L : nullptr;
-  float* dg_part = DECAY ? a.dg_part + part * L : nullptr;
+  const int tile = blockIdx.y, tiles = gridDim.y;
+  float* dq_out = a.dq + static_cast<int64_t>(bh) * L * Dk;
+  float* dk_out = a.dk + static_cast<int64_t>(bh) * L * Dk;
+  float* dbeta_out = DELTA ? a.dbeta + static_cast<int64_t>(bh) * L : nullptr;
+  float* dg_out = DECAY ? a.dg + static_cast<int64_t>(bh) * L : nullptr;
+  int* tile_done = tiles > 1 ? a.tile_done + static_cast<int64_t>(bh) * tiles : nullptr;
+  // Adds this tile's column sum to an output: tile 0 stores, later tiles add to what the tiles before stored (read
+  // through L2: another multiprocessor wrote it).
+  auto accumulate = [&](float* dst, float sum) { *dst = tile == 0 ? sum : __ldcg(dst) + sum; };
   // DECAY: this thread's entries of the recomputed states S_{t-1} of the current segment, [slot][NR * NC][thread]
+  const int64_t part = static_cast<int64_t>(blockIdx.y) * BH + bh;  // this block's slice of the scratch
   const int segment = min(C, L);
   float* scratch = DECAY ? a.scratch + part * segment * blockDim.x * NR * NC + threadIdx.x : nullptr;
 
@@ -343,6 +351,16 @@ __global__ void __launch_bounds__(kBwdMaxWarps * 32)
     }
 
     __syncthreads();  // every warp's slots for tokens s0 .. s0 + flush - 1 are written
+    const int window = s0 / flush;
+    if (tile > 0) {  // wait until the tile before has added its sums for these tokens
+      if (threadIdx.x == 0) {
+        const volatile int* before = tile_done + tile - 1;
+        while (*before <= window) {
+        }
+        __threadfence();
+      }
+      __syncthreads();
+    }
     const int steps = min(flush, L - s0);
     for (int idx = threadIdx.x; idx < steps * 2 * DkPad; idx += blockDim.x) {
       const int slot = idx / (2 * DkPad);
@@ -352,24 +370,26 @@ __global__ void __launch_bounds__(kBwdMaxWarps * 32)
         float sum = 0.0f;
         for (int w = 0; w < warps; ++w) sum += red[(static_cast<int64_t>(w) * flush + slot) * 2 * DkPad + rem];
         const int64_t t = L - 1 - (s0 + slot);
-        (kind == 0 ? dq_part : dk_part)[t * Dk + row] = sum;
+        accumulate((kind == 0 ? dq_out : dk_out) + t * Dk + row, sum);
       }
     }
     if constexpr (DELTA) {
       for (int slot = threadIdx.x; slot < steps; slot += blockDim.x) {
         float sum = 0.0f;
         for (int w = 0; w < warps; ++w) sum += red_beta[w * flush + slot];
-        dbeta_part[L - 1 - (s0 + slot)] = sum;
+        accumulate(dbeta_out + L - 1 - (s0 + slot), sum);
       }
     }
     if constexpr (DECAY) {
       for (int slot = threadIdx.x; slot < steps; slot += blockDim.x) {
         float sum = 0.0f;
         for (int w = 0; w < warps; ++w) sum += red_g[w * flush + slot];
-        dg_part[L - 1 - (s0 + slot)] = sum;
+        accumulate(dg_out + L - 1 - (s0 + slot), sum);
       }
     }
-    __syncthreads();  // the slots are free for the next tokens
+    if (tiles > 1) __threadfence();  // this block's sums are visible before tile_done says so
+    __syncthreads();  // the slots are free for the next tokens, and every thread's sums are written
+    if (tiles > 1 && threadIdx.x == 0) atomicExch(tile_done + tile, window + 1);
   }
 
   float* g0 = a.d_initial_state + static_cast<int64_t>(bh) * Dk * Dv;

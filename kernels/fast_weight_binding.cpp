@@ -88,7 +88,7 @@ void set_problem(Args& a, const at::Tensor& q, const at::Tensor& k, bool delta, 
 std::vector<at::Tensor> forward(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                                 const std::optional<at::Tensor>& beta_in, const std::optional<at::Tensor>& g_in,
                                 const std::optional<at::Tensor>& initial_state, double scale, int64_t ckpt_every,
-                                bool save, bool debug_poison, int64_t stream) {
+                                bool save, bool debug_poison, int64_t stream, int64_t warps, bool vectorize) {
   const bool delta = beta_in.has_value() && beta_in->defined();
   TORCH_CHECK(q_in.dim() == 4 && k_in.sizes() == q_in.sizes() && v_in.dim() == 4, "bad q/k/v shapes");
   TORCH_CHECK(q_in.scalar_type() == k_in.scalar_type() && q_in.scalar_type() == v_in.scalar_type(),
@@ -142,6 +142,8 @@ std::vector<at::Tensor> forward(const at::Tensor& q_in, const at::Tensor& k_in, 
   a.resid = resid.numel() > 0 ? resid.data_ptr<float>() : nullptr;
   a.ckpt = ckpt.numel() > 0 ? ckpt.data_ptr<float>() : nullptr;
   a.ckpt_every = static_cast<int>(ckpt_every);
+  a.layout.warps = static_cast<int>(warps);
+  a.layout.vectorize = vectorize;
   check_status(lmtool_fw::forward(a, reinterpret_cast<void*>(stream)));
   return {out, final_state, resid, ckpt};
 }
@@ -156,7 +158,7 @@ std::vector<at::Tensor> backward(const at::Tensor& q_in, const at::Tensor& k_in,
                                  const std::optional<at::Tensor>& initial_state,
                                  const at::Tensor& final_state_in, const std::optional<at::Tensor>& d_final_state,
                                  const at::Tensor& ckpt, double scale, int64_t ckpt_every, bool debug_poison,
-                                 int64_t stream) {
+                                 int64_t stream, int64_t warps, int64_t flush, bool vectorize) {
   const bool delta = beta_in.has_value() && beta_in->defined();
   const at::Tensor q = rows_contiguous(q_in), k = rows_contiguous(k_in), dout = rows_contiguous(dout_in);
   check_cuda(q, "q", q);
@@ -216,45 +218,56 @@ std::vector<at::Tensor> backward(const at::Tensor& q_in, const at::Tensor& k_in,
     a.ckpt = ck.data_ptr<float>();
   }
   a.ckpt_every = static_cast<int>(ckpt_every);
+  a.layout.warps = static_cast<int>(warps);
+  a.layout.flush = static_cast<int>(flush);
+  a.layout.vectorize = vectorize;
 
   const bool decay = g.defined();
-  const int64_t tiles = lmtool_fw::backward_tiles(a.Dk, a.Dv, decay);
+  const int64_t tiles = lmtool_fw::backward_tiles(a);
   const auto f32 = q.options().dtype(at::kFloat);
-  at::Tensor dq_part = at::empty({tiles, B, H, L, Dk}, f32);
-  at::Tensor dk_part = at::empty({tiles, B, H, L, Dk}, f32);
-  at::Tensor dbeta_part = delta ? at::empty({tiles, B, H, L}, f32) : at::empty({0}, f32);
-  at::Tensor dg_part = decay ? at::empty({tiles, B, H, L}, f32) : at::empty({0}, f32);
-  const int64_t per_sequence = decay ? lmtool_fw::backward_scratch_per_sequence(a.Dk, a.Dv, a.L, a.ckpt_every) : 0;
+  // The column tiles add their sums in place, in tile order (tile_done keeps the order): no buffer per tile.
+  at::Tensor dq = at::empty({B, H, L, Dk}, f32), dk = at::empty({B, H, L, Dk}, f32);
+  at::Tensor dbeta = delta ? at::empty({B, H, L}, f32) : at::empty({0}, f32);
+  at::Tensor dg = decay ? at::empty({B, H, L}, f32) : at::empty({0}, f32);
+  at::Tensor tile_done = at::zeros({tiles > 1 ? B * H * tiles : 0}, q.options().dtype(at::kInt));
+  const int64_t per_sequence = decay ? lmtool_fw::backward_scratch_per_sequence(a) : 0;
   at::Tensor scratch = at::empty({B * H * per_sequence}, f32);  // freed when the backward returns
   at::Tensor dv = at::empty({B, H, L, Dv}, q.options());
   at::Tensor ds0 = at::empty({B, H, Dk, Dv}, f32);
-  poison({dq_part, dk_part, dbeta_part, dg_part, scratch, dv, ds0}, debug_poison);
-  a.dq_part = dq_part.data_ptr<float>();
-  a.dk_part = dk_part.data_ptr<float>();
-  a.dbeta_part = delta ? dbeta_part.data_ptr<float>() : nullptr;
-  a.dg_part = decay ? dg_part.data_ptr<float>() : nullptr;
+  poison({dq, dk, dbeta, dg, scratch, dv, ds0}, debug_poison);
+  a.dq = dq.data_ptr<float>();
+  a.dk = dk.data_ptr<float>();
+  a.dbeta = delta ? dbeta.data_ptr<float>() : nullptr;
+  a.dg = decay ? dg.data_ptr<float>() : nullptr;
+  a.tile_done = tiles > 1 ? tile_done.data_ptr<int>() : nullptr;
   a.scratch = decay ? scratch.data_ptr<float>() : nullptr;
   a.dv = dv.data_ptr();
   a.d_initial_state = ds0.data_ptr<float>();
   check_status(lmtool_fw::backward(a, reinterpret_cast<void*>(stream)));
-
-  auto reduce = [&](const at::Tensor& part) { return tiles == 1 ? part.squeeze(0) : part.sum(0); };
-  return {reduce(dq_part), reduce(dk_part), dv, delta ? reduce(dbeta_part) : dbeta_part, ds0,
-          decay ? reduce(dg_part) : dg_part};
+  return {dq, dk, dv, dbeta, ds0, dg};
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "lmtool fast-weight (sum and delta rule) CUDA kernels";
+  // warps, flush, vectorize: block layout overrides (0 / true: the launchers' choice), for tests of several layouts
   m.def("forward", &forward, "scan forward", py::arg("q"), py::arg("k"), py::arg("v"), py::arg("beta"), py::arg("g"),
         py::arg("initial_state"), py::arg("scale"), py::arg("ckpt_every"), py::arg("save"), py::arg("poison"),
-        py::arg("stream"));
+        py::arg("stream"), py::arg("warps") = 0, py::arg("vectorize") = true);
   m.def("backward", &backward, "reverse-scan backward", py::arg("q"), py::arg("k"), py::arg("x"), py::arg("beta"),
-        py::arg("g"), py::arg("dout"), py::arg("initial_state"), py::arg("final_state"), py::arg("d_final_state"), py::arg("ckpt"),
-        py::arg("scale"),
-        py::arg("ckpt_every"), py::arg("poison"), py::arg("stream"));
-  m.def("backward_tiles", &lmtool_fw::backward_tiles, "column tiles of the backward's partial sums", py::arg("Dk"),
-        py::arg("Dv"), py::arg("decay") = false);
+        py::arg("g"), py::arg("dout"), py::arg("initial_state"), py::arg("final_state"), py::arg("d_final_state"),
+        py::arg("ckpt"), py::arg("scale"), py::arg("ckpt_every"), py::arg("poison"), py::arg("stream"),
+        py::arg("warps") = 0, py::arg("flush") = 0, py::arg("vectorize") = true);
+  m.def(
+      "backward_tiles",
+      [](int64_t Dk, int64_t Dv, bool decay) {
+        lmtool_fw::BackwardArgs a;
+        a.Dk = static_cast<int>(Dk);
+        a.Dv = static_cast<int>(Dv);
+        a.g = decay ? reinterpret_cast<const float*>(&a) : nullptr;  // any non-null pointer: the layout with g
+        return lmtool_fw::backward_tiles(a);
+      },
+      "column tiles (blocks per sequence) of the backward", py::arg("Dk"), py::arg("Dv"), py::arg("decay") = false);
   m.attr("max_dk") = lmtool_fw::kMaxDk;
 }

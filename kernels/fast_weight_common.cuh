@@ -52,6 +52,18 @@ inline int dispatch_dk(int Dk, F&& f) {
 
 inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
+#ifndef LMTOOL_FW_HOST_EMULATION
+// Launches kernel<<<grid, block, shared, stream>>>(args...) and returns the launch's error code (0: cudaSuccess).
+// The tests' CPU emulation (tests/ops/emulation/) supplies its own launch_kernel, so that it runs the launchers
+// in fast_weight_{forward,backward}.cu unchanged.
+template <typename... Params, typename... Args>
+int launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared, cudaStream_t stream,
+                  const Args&... args) {
+  kernel<<<grid, block, shared, stream>>>(args...);
+  return static_cast<int>(cudaGetLastError());
+}
+#endif
+
 // A thread's register tile T[NR][NC] of a Dk x Dv state: rows 4 (r + m R) + c (m < NR / 4, c < 4), columns
 // j0 + n (n < NC). In memory the state is [Dk, Dv] row-major, or [Dv, Dk] with TRANSPOSED (the checkpoints,
 // so that a token's column tile is contiguous). Entries outside Dk x Dv are skipped (store) or zero (load),

@@ -31,10 +31,12 @@ int launch(const ForwardArgs& a, cudaStream_t stream) {
     // Small problems: fewer warps per block, so that the blocks spread over more multiprocessors.
     const int sms = num_sms();
     while (warps > 1 && static_cast<int64_t>(a.B) * a.H * ceil_div(a.Dv, warps * cols_per_warp) < sms) warps /= 2;
+    if (a.layout.warps > 0) warps = a.layout.warps;
+    if (warps > kFwdMaxWarps) return -1;
     const int cols_per_block = warps * cols_per_warp;
     const dim3 grid(a.B * a.H, ceil_div(a.Dv, cols_per_block));
-    forward_kernel<T, DELTA, DECAY, TL><<<grid, warps * 32, 0, stream>>>(a, cols_per_block, rows_vectorizable<T>(a));
-    return static_cast<int>(cudaGetLastError());
+    const bool vec = a.layout.vectorize && rows_vectorizable<T>(a);
+    return launch_kernel(forward_kernel<T, DELTA, DECAY, TL>, grid, dim3(warps * 32), 0, stream, a, cols_per_block, vec);
   });
 }
 

@@ -21,21 +21,26 @@ segment it recomputes the segment's states forward from the segment's stored sta
 ``min(checkpoint_every, L)`` states per sequence (freed after the backward), and reads them back in reverse. That
 costs one extra state update and one store and load of the state per token; gradients flow to ``g`` as well.
 
+Trust after proof: the first time a kernel runs in this process for an op, dtype, key and value width (Dk, Dv),
+with or without g, and device, it first runs once on a small random problem (fwd+bwd, checkpoints every 8 tokens)
+against the torch chunk form in float64 (``_self_check``). A mismatch or a launch error disables that kernel for
+the process with ONE warning naming it and the error, and the chunk form runs instead; ``impl="cuda"`` asked for
+explicitly raises :class:`KernelSelfCheckFailed` instead (``impl="auto"`` calls the forms with ``strict=False``).
+
 Fallbacks (a missing toolchain or GPU never crashes a run):
 - CPU tensors: "cuda" is registered for CUDA devices only, so ``impl="auto"`` picks "chunk" there and
   ``impl="cuda"`` on a CPU tensor raises the registry's one-line ValueError (it names the forms that run).
-- no CUDA toolkit, no ninja, a failed build or a torch without CUDA: :func:`load_extension` warns ONCE and
-  returns None; the "cuda" form then runs the torch "chunk" form.
+- no CUDA toolkit, no ninja, a failed build, a build lock older than ``$LMTOOL_KERNEL_LOCK_TIMEOUT_S`` or a torch
+  without CUDA: :func:`load_extension` warns ONCE and returns None; the "cuda" form then runs the "chunk" form.
 - float64 inputs (``g`` included) or ``Dk > 512``: the "chunk" form, with one warning per reason.
 ``LMTOOL_CUDA_KERNELS=0`` removes the form from this process (``impl="auto"`` then picks "chunk" on CUDA).
+The forms record what actually ran (``lmtool.ops.registry.used_impls``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
-import threading
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -43,99 +48,38 @@ from types import ModuleType
 import torch
 from torch.autograd.function import once_differentiable
 
+from lmtool.ops.checks import TOLERANCE, grad_names, outputs_and_grads, random_problem, relative_errors, worst_error
 from lmtool.ops.delta_rule import delta_rule_chunk
-from lmtool.ops.registry import register_impl
+from lmtool.ops.native import KernelSelfCheckFailed, KernelsUnavailable, NativeExtension, kernel_cache_dir
+from lmtool.ops.registry import note_use, register_impl
 from lmtool.ops.sum_rule import sum_rule_chunk
 
-log = logging.getLogger(__name__)
+__all__ = ["KernelSelfCheckFailed", "KernelsUnavailable", "kernel_cache_dir"]
 
 KERNEL_DIR = Path(__file__).resolve().parents[2] / "kernels"
 SOURCES = ("fast_weight_binding.cpp", "fast_weight_forward.cu", "fast_weight_backward.cu")
-EXTENSION_NAME = "lmtool_fast_weight"
+EXTENSION = NativeExtension("lmtool_fast_weight", SOURCES, KERNEL_DIR, what="CUDA kernels")
 MAX_DK = 512  # kernels/fast_weight.h: kMaxDk
 DEFAULT_CHECKPOINT_EVERY = 64  # the backward reloads S every C tokens instead of reconstructing it further
 PRIORITY = 20  # above "chunk" (10): impl="auto" picks the kernels on CUDA devices
+SELF_CHECK_SHAPE = (1, 2, 21, 8)  # B, H, L and checkpoint_every of the self-check: L is not a multiple of C
 
-_lock = threading.Lock()
-_state: dict = {"tried": False, "module": None, "reason": None}
 _warned: set[str] = set()
-
-
-class KernelsUnavailable(RuntimeError):
-    """The extension cannot be built or loaded here; the message says why and what to do."""
-
-
-def kernel_cache_dir() -> Path:
-    """Where built kernels are cached: ``$LMTOOL_KERNEL_CACHE``, else ``~/.cache/lmtool/kernels``."""
-    env = os.environ.get("LMTOOL_KERNEL_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "lmtool" / "kernels"
 
 
 def build_extension(verbose: bool = False) -> ModuleType:
     """Compile (or load from the cache) the extension for the current GPU; raise KernelsUnavailable if impossible."""
-    if not torch.cuda.is_available():
-        detail = "torch was built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
-        raise KernelsUnavailable(f"torch has no usable CUDA ({detail})")
-    missing = [s for s in SOURCES if not (KERNEL_DIR / s).is_file()]
-    if missing:
-        raise KernelsUnavailable(f"kernel sources {missing} not found in {KERNEL_DIR} (use a source checkout)")
-    from torch.utils import cpp_extension  # only where kernels can build: it imports setuptools and more
-
-    if cpp_extension.CUDA_HOME is None:
-        raise KernelsUnavailable("no CUDA toolkit (nvcc) found; install one or set CUDA_HOME")
-    try:
-        cpp_extension.verify_ninja_availability()
-    except RuntimeError as err:
-        raise KernelsUnavailable("ninja is not installed; `pip install ninja`") from err
-    major, minor = torch.cuda.get_device_capability()
-    arch = os.environ.get("TORCH_CUDA_ARCH_LIST") or f"{major}.{minor}"  # the visible GPU's, unless set
-    tag = "".join(c if c.isalnum() or c in "._-" else "_" for c in f"torch{torch.__version__}-cuda{torch.version.cuda}")
-    build_dir = kernel_cache_dir() / f"{EXTENSION_NAME}-{tag}-arch{arch.replace(' ', '_').replace(';', '_')}"
-    build_dir.mkdir(parents=True, exist_ok=True)
-    log.info("building the lmtool CUDA kernels for arch %s in %s (first use only)", arch, build_dir)
-    old = os.environ.get("TORCH_CUDA_ARCH_LIST")
-    os.environ["TORCH_CUDA_ARCH_LIST"] = arch
-    try:
-        return cpp_extension.load(
-            name=EXTENSION_NAME,
-            sources=[str(KERNEL_DIR / s) for s in SOURCES],
-            extra_include_paths=[str(KERNEL_DIR)],
-            extra_cflags=["-O3"],
-            extra_cuda_cflags=["-O3", "-lineinfo"],
-            build_directory=str(build_dir),
-            verbose=verbose,
-        )
-    except Exception as err:  # a compiler error: keep its last line, the log is in build_dir
-        last = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-        raise KernelsUnavailable(f"building in {build_dir} failed: {last}") from err
-    finally:
-        if old is None:
-            os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
-        else:
-            os.environ["TORCH_CUDA_ARCH_LIST"] = old
+    return EXTENSION.build(verbose)
 
 
 def load_extension() -> ModuleType | None:
     """The extension, built on the first call; None after ONE warning where it cannot be built or loaded."""
-    with _lock:
-        if not _state["tried"]:
-            _state["tried"] = True
-            try:
-                _state["module"] = build_extension()
-            except Exception as err:  # any failure means "use the torch forms", never a crash
-                _state["reason"] = str(err).splitlines()[0] if str(err) else type(err).__name__
-                warnings.warn(
-                    f"lmtool: CUDA kernels unavailable ({_state['reason']}); impl='cuda' runs the torch 'chunk' "
-                    "forms instead",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-    return _state["module"]
+    return EXTENSION.load()
 
 
 def unavailable_reason() -> str | None:
     """Why :func:`load_extension` returned None (None if it has not been tried or succeeded)."""
-    return _state["reason"]
+    return EXTENSION.reason
 
 
 def _warn_once(key: str, message: str) -> None:
@@ -234,6 +178,51 @@ def _scan(q, k, v, beta, g, scale, initial_state, output_final_state, checkpoint
     return o.to(q.dtype), (S if output_final_state else None)
 
 
+def kernel_key(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None) -> str:
+    """The name of the kernel these inputs run, one self-check each: op, dtype, Dk, Dv, decay and device."""
+    dtype = "bf16" if _kernel_dtype(q, k, v) == torch.bfloat16 else "fp32"
+    decay = ", g" if g is not None else ""
+    return f"{op}[{dtype}, Dk={q.shape[-1]}, Dv={v.shape[-1]}{decay}, {q.device}]"
+
+
+def _self_check(op: str, ext: ModuleType, dtype: torch.dtype, Dk: int, Dv: int, decay: bool, device) -> None:
+    """Run the kernels once on a small random problem (outputs, final state and every gradient) and raise if they
+    differ from the chunk form in float64 on the same (rounded) inputs, or fail to launch."""
+    B, H, L, C = SELF_CHECK_SHAPE
+    problem = random_problem(op, B, H, L, Dk, Dv, dtype=dtype, device=device, seed=0, decay=0.5 if decay else None)
+    with torch.autocast(device_type=torch.device(device).type, enabled=False):
+        actual = outputs_and_grads(
+            lambda *xs, **kw: _scan(*xs[:3], xs[3] if op == "delta_rule" else None, kw["g"], 0.5,
+                                    kw["initial_state"], True, C, ext),
+            problem,
+        )  # fmt: skip
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)  # a launch or memory error shows here, not in a later op
+        expected = outputs_and_grads(CHUNK_FORMS[op], problem.to(torch.float64), scale=0.5)
+    names = grad_names(op, decay=decay)
+    error = worst_error(relative_errors(actual, expected, names), TOLERANCE[dtype])
+    if error is not None:
+        raise KernelSelfCheckFailed(error)
+
+
+def _run(op, q, k, v, beta, g, scale, initial_state, output_final_state, checkpoint_every, strict):
+    """The kernels if they build, take these inputs and passed their self-check; else the chunk form."""
+    ext = _kernels_for(q, [q, k, v, beta, initial_state, g])
+    if ext is not None:
+        key = kernel_key(op, q, k, v, g)
+        dt = _kernel_dtype(q, k, v)
+
+        def check():
+            _self_check(op, ext, dt, q.shape[-1], v.shape[-1], g is not None, q.device)
+
+        if EXTENSION.trusted(key, check, strict=strict):
+            note_use(op, "cuda")
+            return _scan(q, k, v, beta, g, scale, initial_state, output_final_state, checkpoint_every, ext)
+    note_use(op, "chunk")
+    rest = {"g": g, "scale": scale, "initial_state": initial_state, "output_final_state": output_final_state}
+    return CHUNK_FORMS[op](q, k, v, *([beta] if op == "delta_rule" else []), **rest)
+
+
 def delta_rule_cuda(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -245,14 +234,12 @@ def delta_rule_cuda(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+    strict: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """:func:`lmtool.ops.delta_rule` as a CUDA scan: same signature, plus ``checkpoint_every`` (module doc)."""
-    ext = _kernels_for(q, [q, k, v, beta, initial_state, g])
-    if ext is None:
-        return delta_rule_chunk(
-            q, k, v, beta, g=g, scale=scale, initial_state=initial_state, output_final_state=output_final_state
-        )
-    return _scan(q, k, v, beta, g, scale, initial_state, output_final_state, checkpoint_every, ext)
+    """:func:`lmtool.ops.delta_rule` as a CUDA scan: same signature, plus ``checkpoint_every`` (module doc) and
+    ``strict`` (True: raise KernelSelfCheckFailed for a kernel that failed its self-check; False, what
+    ``impl="auto"`` uses: run the chunk form instead)."""
+    return _run("delta_rule", q, k, v, beta, g, scale, initial_state, output_final_state, checkpoint_every, strict)
 
 
 def sum_rule_cuda(
@@ -265,14 +252,15 @@ def sum_rule_cuda(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+    strict: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """:func:`lmtool.ops.sum_rule` as a CUDA scan: same signature, plus ``checkpoint_every`` (module doc)."""
-    ext = _kernels_for(q, [q, k, v, initial_state, g])
-    if ext is None:
-        return sum_rule_chunk(
-            q, k, v, g=g, scale=scale, initial_state=initial_state, output_final_state=output_final_state
-        )
-    return _scan(q, k, v, None, g, scale, initial_state, output_final_state, checkpoint_every, ext)
+    """:func:`lmtool.ops.sum_rule` as a CUDA scan: same signature, plus ``checkpoint_every`` and ``strict`` (see
+    :func:`delta_rule_cuda`)."""
+    return _run("sum_rule", q, k, v, None, g, scale, initial_state, output_final_state, checkpoint_every, strict)
+
+
+CHUNK_FORMS = {"delta_rule": delta_rule_chunk, "sum_rule": sum_rule_chunk}
+CUDA_FORMS = {"delta_rule": delta_rule_cuda, "sum_rule": sum_rule_cuda}
 
 
 def runs_on(device: torch.device) -> bool:
@@ -284,5 +272,8 @@ def runs_on(device: torch.device) -> bool:
     return device.type == "cuda" and os.environ.get("LMTOOL_CUDA_KERNELS", "1") != "0" and torch.cuda.is_available()
 
 
-register_impl("delta_rule", "cuda", delta_rule_cuda, devices=("cuda",), priority=PRIORITY, is_available=runs_on)
-register_impl("sum_rule", "cuda", sum_rule_cuda, devices=("cuda",), priority=PRIORITY, is_available=runs_on)
+for _op, _fn in CUDA_FORMS.items():
+    register_impl(
+        _op, "cuda", _fn, devices=("cuda",), priority=PRIORITY, is_available=runs_on,
+        auto_fn=lambda *a, _fn=_fn, **kw: _fn(*a, strict=False, **kw), reports_use=True,
+    )  # fmt: skip

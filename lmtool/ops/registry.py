@@ -21,6 +21,8 @@ class _Impl:
     devices: tuple[str, ...] | None  # None: any device type
     priority: int  # "auto" picks the highest available
     is_available: Callable[[torch.device], bool] | None  # e.g. "the extension builds on this machine"
+    auto_fn: Callable | None  # what impl="auto" calls, if not fn (a native form that falls back instead of raising)
+    reports_use: bool  # the form calls note_use itself with the form that actually ran (native forms fall back)
 
     def runs_on(self, device: torch.device) -> bool:
         if self.devices is not None and device.type not in self.devices:
@@ -29,6 +31,18 @@ class _Impl:
 
 
 _REGISTRY: dict[str, dict[str, _Impl]] = {}
+_USED: dict[str, dict[str, None]] = {}  # op -> the forms that ran, in order of first use
+
+
+def note_use(op: str, impl: str) -> None:
+    """Record that form ``impl`` of ``op`` ran (see :func:`used_impls`)."""
+    _USED.setdefault(op, {})[impl] = None
+
+
+def used_impls() -> dict[str, list[str]]:
+    """The forms each op has actually run in this process, in order of first use: ``{"delta_rule": ["cuda"]}``.
+    A native form that fell back (failed build or self-check, float64 inputs) shows as the form that ran."""
+    return {op: list(names) for op, names in _USED.items()}
 
 
 def register_impl(
@@ -39,17 +53,21 @@ def register_impl(
     devices: tuple[str, ...] | None = None,
     priority: int = 0,
     is_available: Callable[[torch.device], bool] | None = None,
+    auto_fn: Callable | None = None,
+    reports_use: bool = False,
 ) -> None:
     """Register ``fn`` as form ``name`` of ``op`` ("delta_rule", "sum_rule").
 
     ``fn`` takes the op's exact signature without ``impl``. ``devices`` limits the device types
     (``("cuda",)``) it runs on; ``None`` means any. ``is_available(device)``, if given, is asked at dispatch
     time (e.g. whether native kernels compiled). ``impl="auto"`` picks the available form with the highest
-    ``priority``. Re-registering a name replaces it.
+    ``priority``. ``auto_fn``, if given, is what ``impl="auto"`` calls instead of ``fn`` (a native form that
+    raises when asked for explicitly but falls back under "auto"). ``reports_use``: the form calls
+    :func:`note_use` itself with the form that actually ran. Re-registering a name replaces it.
     """
     if name == AUTO:
         raise ValueError(f"'{AUTO}' is reserved and cannot be registered as an impl")
-    _REGISTRY.setdefault(op, {})[name] = _Impl(fn, devices, priority, is_available)
+    _REGISTRY.setdefault(op, {})[name] = _Impl(fn, devices, priority, is_available, auto_fn, reports_use)
 
 
 def available_impls(op: str, device: torch.device | str | None = None) -> list[str]:
@@ -66,7 +84,10 @@ def resolve_impl(op: str, impl: str, device: torch.device) -> Callable:
         names = available_impls(op, device)
         if not names:
             raise ValueError(f"{op}: no impl available for device type '{device.type}'")
-        return impls[names[0]].fn
+        entry = impls[names[0]]
+        if not entry.reports_use:
+            note_use(op, names[0])
+        return entry.auto_fn or entry.fn
     if impl not in impls:
         known = ", ".join([AUTO, *impls])
         raise ValueError(f"{op}: unknown impl '{impl}'; choose one of: {known}")
@@ -81,6 +102,8 @@ def resolve_impl(op: str, impl: str, device: torch.device) -> Callable:
             f"{op}: impl '{impl}' is not available on this machine; "
             f"use impl='auto' or one of: {', '.join(available_impls(op, device))}"
         )
+    if not entry.reports_use:
+        note_use(op, impl)
     return entry.fn
 
 

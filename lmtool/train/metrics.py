@@ -9,6 +9,7 @@ makes one history of a file written before that rule, or cut mid-line by a crash
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import secrets
@@ -17,7 +18,10 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from lmtool.ops.registry import used_impls
 from lmtool.train.rundir import replaced
+
+log = logging.getLogger(__name__)
 
 
 def perplexity_fields(loss: float, metric: str) -> dict:
@@ -99,6 +103,7 @@ class MetricsWriter:
         self.enabled = enabled
         self.wandb = None
         self.wandb_run_id = wandb_run_id
+        self.impls_recorded = False  # the first training row records the ops' forms that actually ran
         if enabled:
             truncate_history(self.path, resume_step)
         if enabled and cfg.logger.name == "wandb":
@@ -126,11 +131,15 @@ class MetricsWriter:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
+        if not self.impls_recorded and record.get("split") == "train" and used_impls():
+            self.impls_recorded = True  # e.g. {"delta_rule": ["cuda"]}; ["chunk"] after a fallback
+            record = {**record, "impls": used_impls()}
+            log.info("fast-weight op forms in use: %s", record["impls"])
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
             split = record.get("split", "train")
-            values = {f"{split}/{k}": v for k, v in record.items() if k not in ("step", "split")}
+            values = {f"{split}/{k}": v for k, v in record.items() if k not in ("step", "split", "impls")}
             self.wandb.log(values, step=record["step"])
 
     def close(self) -> None:

@@ -59,3 +59,25 @@ def shape_id(shape: tuple[int, ...]) -> str:
 @pytest.fixture
 def make_case():
     return OpCase
+
+
+@pytest.fixture(scope="session")
+def emulated_extension(tmp_path_factory):
+    """The real binding and launchers on the CPU emulation (tests/ops/cuda_emulation.py), built once per session."""
+    from tests.ops import cuda_emulation
+
+    if not cuda_emulation.have_toolchain():
+        pytest.skip("g++ or ninja not installed")
+    build = tmp_path_factory.mktemp("cuda-emulation")
+    library = cuda_emulation.build_library(build / "lib", sanitize=False)
+    return cuda_emulation.build_extension(build / "ext", library)
+
+
+@pytest.fixture
+def kernels_on_emulation(emulated_extension):
+    """lmtool.ops.cuda's extension is the emulated one for this test (no self-check done yet); forgotten after."""
+    from lmtool.ops import cuda
+
+    cuda.EXTENSION.use(emulated_extension)
+    yield emulated_extension
+    cuda.EXTENSION.reset()
