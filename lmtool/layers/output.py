@@ -4,10 +4,11 @@
 tensor, and in the backward fills a third with zeros to scatter the loss gradient into, then a fourth for the
 log-softmax gradient. At lmtool's default size (2,048 tokens x 10,000 words, 82 MB each in float32) those passes
 over memory cost about as much as the output matmuls themselves on a CPU. `linear_cross_entropy` computes the
-same per-token losses keeping one `[N, V]` buffer: the logits, turned in place into the softmax probabilities
-that the backward needs (`d logits = p - onehot(t)`, scaled by the incoming gradient in place). The backward
-consumes them, so a graph through it is differentiated once: a second backward (retain_graph) raises autograd's
-in-place error rather than returning wrong gradients.
+same per-token losses with one `[N, V]` buffer: the logits (bias added by the matmul itself), turned in place
+into `G = softmax - onehot(t)`, the loss gradient of every row up to its incoming scale `g_i`. The backward only
+reads G: `dh = g * (G W)`, `dW = G^T (g * h)`, `db = G^T g`, with g applied to the `[N, d]` operands rather
+than the `[N, V]` buffer. Since nothing is changed in place there, a graph through it can be differentiated
+twice (retain_graph).
 """
 
 from __future__ import annotations
@@ -24,29 +25,33 @@ class _LinearCrossEntropy(torch.autograd.Function):
         with torch.autocast(h.device.type, enabled=False):
             hm = h if matmul_dtype is None else h.to(matmul_dtype)
             wm = weight if matmul_dtype is None else weight.to(matmul_dtype)
-            logits = hm @ wm.T
-            if bias is not None:
-                logits = logits + bias.to(logits.dtype)
+            if bias is None:
+                logits = hm @ wm.T
+            else:
+                logits = torch.addmm(bias.to(hm.dtype), hm, wm.T)
             logits = logits.to(compute_dtype)
-            lse = torch.logsumexp(logits, dim=-1)
-            nll = lse - logits.gather(1, target.unsqueeze(1)).squeeze(1)
-            probs = logits.sub_(lse.unsqueeze(1)).exp_()
-        ctx.save_for_backward(hm, wm, probs, target)
+            rows = torch.arange(len(target), device=target.device)
+            top = logits.amax(1, keepdim=True)
+            target_logit = logits[rows, target]
+            probs = logits.sub_(top).exp_()  # in place, overflow-free: every exponent <= 0
+            total = probs.sum(1, keepdim=True)
+            nll = (top + total.log()).squeeze(1) - target_logit
+            grad = probs.div_(total)
+            grad[rows, target] -= 1  # G = softmax - onehot(t)
+        ctx.save_for_backward(hm, wm, grad)
         ctx.dtypes = (h.dtype, weight.dtype, None if bias is None else bias.dtype)
         return nll
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_nll):
-        hm, wm, probs, target = ctx.saved_tensors
+        hm, wm, grad = ctx.saved_tensors
         h_dtype, w_dtype, b_dtype = ctx.dtypes
-        # d nll_i / d logits_ij = p_ij - [j = t_i], times the incoming gradient of row i
-        dlogits = probs.mul_(grad_nll.to(probs.dtype).unsqueeze(1))
-        dlogits[torch.arange(len(target), device=target.device), target] -= grad_nll.to(probs.dtype)
-        dbias = dlogits.sum(0).to(b_dtype) if b_dtype is not None and ctx.needs_input_grad[2] else None
-        dl = dlogits.to(hm.dtype)
-        dh = (dl @ wm).to(h_dtype) if ctx.needs_input_grad[0] else None
-        dw = (dl.T @ hm).to(w_dtype) if ctx.needs_input_grad[1] else None
+        g = grad_nll.to(grad.dtype).unsqueeze(1)  # d loss / d nll_i, [N, 1]
+        gm = grad.to(hm.dtype)
+        dh = (gm @ wm).mul_(g.to(hm.dtype)).to(h_dtype) if ctx.needs_input_grad[0] else None
+        dw = (gm.T @ (hm * g.to(hm.dtype))).to(w_dtype) if ctx.needs_input_grad[1] else None
+        dbias = (grad.T @ g).squeeze(1).to(b_dtype) if b_dtype is not None and ctx.needs_input_grad[2] else None
         return dh, dw, dbias, None, None
 
 
