@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from lmtool.config import compose_config  # noqa: E402
 from lmtool.models.build import build_model  # noqa: E402
 from lmtool.train.device import autocast  # noqa: E402
+from lmtool.train.memory import keep_freed_memory  # noqa: E402
 from lmtool.train.optim import build_optimizer  # noqa: E402
 
 VOCAB = 10_000  # PTB's vocabulary (with <eos>)
@@ -57,6 +58,7 @@ class Case:
     def __init__(self, name: str, overrides: list[str], precision: str, threads: int, *, seed: int = 0,
                  vocab: int = VOCAB, batch_size: int | None = None, tgt_len: int | None = None):  # fmt: skip
         self.name, self.precision, self.threads = name, precision, threads
+        keep_freed_memory()  # as the Trainer does on CPU
         self.cfg = compose_config(*overrides)
         torch.manual_seed(seed)
         self.model = build_model(self.cfg, vocab).train()

@@ -38,6 +38,7 @@ from lmtool.train.checkpoint import (
 from lmtool.train.device import autocast, resolve_device
 from lmtool.train.distributed import Topology
 from lmtool.train.evaluation import evaluate
+from lmtool.train.memory import keep_freed_memory
 from lmtool.train.metrics import MetricsWriter, perplexity_fields
 from lmtool.train.optim import LRSchedule, build_optimizer
 
@@ -72,6 +73,8 @@ class Trainer:
             self.device = torch.device("cuda", torch.cuda.current_device())  # one GPU per process
         if self.t.num_threads > 0:
             torch.set_num_threads(self.t.num_threads)
+        if self.device.type == "cpu":
+            keep_freed_memory()  # a step's large tensors reuse mapped pages instead of faulting in new ones
         torch.manual_seed(cfg.seed)
         d = cfg.dataset
         with distributed.main_first():  # rank 0 builds the corpus cache, the others read it
