@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmtool.layers.dropout import Dropout
 from lmtool.layers.mixer import ModelConfig, TokenMixer, check_layer_args
 
 
@@ -96,7 +97,7 @@ class SoftmaxAttention(TokenMixer):
         self.mem_len, self.same_length = mem_len, same_length
         self.qkv = nn.Linear(d_model, 3 * n_head * d_head, bias=False)
         self.out = nn.Linear(n_head * d_head, d_model, bias=False)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     @property
     def state_grows(self) -> bool:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmtool.layers.dropout import Dropout
 from lmtool.layers.feature_maps import FEATURE_MAPS, make_feature_map
 from lmtool.layers.mixer import ModelConfig, TokenMixer, check_layer_args
 from lmtool.layers.modern import DecayGate, RMSNorm, ShortConvolution
@@ -163,7 +164,7 @@ class FastWeightAttention(TokenMixer):
         self.gate = nn.Linear(d_model, width, bias=False) if output_gate else None
         self.decay_gate = DecayGate(d_model, n_head) if decay else None
         self.out = nn.Linear(width, d_model, bias=False)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     @property
     def carries_z(self) -> bool:

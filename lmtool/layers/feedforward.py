@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lmtool.layers.dropout import Dropout
+
 
 class FeedForward(nn.Module):
     """Linear(d_model, d_inner) -> ReLU -> dropout -> Linear(d_inner, d_model) -> dropout.
@@ -17,9 +19,9 @@ class FeedForward(nn.Module):
         self.net = nn.Sequential(
             nn.Linear(d_model, d_inner),
             nn.ReLU(inplace=True),
-            nn.Dropout(dropout),
+            Dropout(dropout),
             nn.Linear(d_inner, d_model),
-            nn.Dropout(dropout),
+            Dropout(dropout),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmtool.layers.dropout import Dropout
 from lmtool.layers.mixer import ModelConfig, TokenMixer, check_layer_args
 
 
@@ -37,7 +38,7 @@ class LSTMMixer(TokenMixer):
         self.d_model = d_model
         self.lstm = nn.LSTM(d_model, d_model, batch_first=True)
         self.out = nn.Linear(d_model, d_model, bias=False)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def init_state(self, batch_size: int, *, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         zeros = torch.zeros(batch_size, self.d_model, device=device, dtype=dtype)

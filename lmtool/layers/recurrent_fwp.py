@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmtool.layers.dropout import Dropout
 from lmtool.layers.fast_weight import normalize_features
 from lmtool.layers.mixer import ModelConfig, TokenMixer, check_layer_args
 from lmtool.ops import delta_rule
@@ -93,7 +94,7 @@ class FastWeightProgrammer(TokenMixer):
         self.n_head, self.d_head, self.eps = n_head, d_head, eps
         self.slow = nn.Linear(d_model, n_head * per_head, bias=False) if per_head > 0 else None
         self.out = nn.Linear(n_head * d_head, d_model, bias=False)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def extra_repr(self) -> str:
         return f"n_head={self.n_head}, d_head={self.d_head}"

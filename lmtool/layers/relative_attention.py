@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmtool.layers.attention import memory_attention_mask, update_memory
+from lmtool.layers.dropout import Dropout
 from lmtool.layers.mixer import ModelConfig, TokenMixer, check_layer_args
 
 
@@ -111,7 +112,7 @@ class RelativeAttention(TokenMixer):
         self.pos = nn.Linear(d_model, n_head * d_head, bias=False)  # W_r
         self.out = nn.Linear(n_head * d_head, d_model, bias=False)
         self.biases = biases if biases is not None else RelativeBiases(n_head, d_head)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         inv_freq = 1.0 / (10000 ** (torch.arange(0.0, d_model, 2.0) / d_model))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from lmtool.layers.adaptive import AdaptiveEmbedding, AdaptiveLogSoftmax
+from lmtool.layers.dropout import Dropout
 from lmtool.layers.feedforward import FeedForward
 from lmtool.layers.mixer import TokenMixer
 from lmtool.layers.output import linear_cross_entropy
@@ -95,7 +96,7 @@ class CausalLM(nn.Module):
             self.embed: nn.Module = AdaptiveEmbedding(vocab_size, d_model, cutoffs, div_val)
         else:
             self.embed = nn.Embedding(vocab_size, d_model)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.blocks = nn.ModuleList(
             Block(make_mixer(i), d_model, d_inner, dropout, pre_lnorm) for i in range(n_layer)
         )

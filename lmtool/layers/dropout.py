@@ -1,0 +1,34 @@
+"""Dropout whose mask costs less on a CPU: `nn.Dropout` with the same distribution.
+
+PyTorch's CPU dropout draws its mask with `bernoulli_` into a float tensor, divides it by 1 - p, multiplies and
+saves that float mask for the backward. Here the mask comes from 31 random bits per element (`random_` on
+int32: uniform over [0, 2^31)); an element is kept when its draw is at least round(p 2^31), i.e. with probability
+1 - p up to 2^-31, and kept elements are scaled by 1 / (1 - p) as in `nn.Dropout`. Autograd saves the one-byte
+mask for the backward. On a 2-core AMD EPYC VM (torch 2.13.0 CPU) the draw of a [32, 64, 512] mask took about
+2.4 ms against 9.3 ms for `bernoulli_` (docs/training_speed.md). Other devices keep `F.dropout` (fused on CUDA).
+The random stream differs from `nn.Dropout`'s; both draw from the device's global generator, so seeding and
+checkpointed RNG states reproduce a run as before.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """`F.dropout(x, p, training)` with the cheaper mask on CPU (module docstring)."""
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu" or p == 1.0:
+        return F.dropout(x, p, training)
+    keep = torch.empty(x.shape, dtype=torch.int32, device=x.device).random_() >= round(p * 2**31)
+    return (x * keep).mul_(1.0 / (1.0 - p))  # autograd saves the bool mask only
+
+
+class Dropout(nn.Dropout):
+    """`nn.Dropout` (same argument, attribute `p`, no state) drawing its CPU mask with `dropout` above."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
