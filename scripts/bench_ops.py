@@ -33,10 +33,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from lmtool.ops import available_impls, delta_rule, sum_rule  # noqa: E402
+from lmtool.ops.checks import random_problem, useful_flops  # noqa: E402
 from lmtool.ops.delta_rule import delta_rule_chunk  # noqa: E402
 from lmtool.ops.sum_rule import sum_rule_chunk  # noqa: E402
 
-OPS = {"delta_rule": (delta_rule, delta_rule_chunk, 18), "sum_rule": (sum_rule, sum_rule_chunk, 12)}
+OPS = {"delta_rule": (delta_rule, delta_rule_chunk), "sum_rule": (sum_rule, sum_rule_chunk)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TARGET = (4, 8, 1024, 64, 64)
 GRIDS = {  # (B, H, L, Dk, Dv), dtype names
@@ -132,31 +133,16 @@ def base_op(op: str) -> tuple[str, bool]:
 def make_inputs(op: str, shape, dtype, device, requires_grad: bool):
     """The op's positional inputs, its keyword inputs ({"g": ...} for a "+g" op) and an upstream gradient."""
     op, decay = base_op(op)
-    B, H, L, Dk, Dv = shape
-    g = torch.Generator(device="cpu").manual_seed(0)
-
-    def rand(*size):
-        return torch.randn(*size, generator=g).to(device=device, dtype=dtype).requires_grad_(requires_grad)
-
-    q = rand(B, H, L, Dk)
-    k = torch.nn.functional.normalize(torch.randn(B, H, L, Dk, generator=g), dim=-1)
-    k = k.to(device=device, dtype=dtype).requires_grad_(requires_grad)
-    v = rand(B, H, L, Dv)
-    inputs = [q, k, v]
-    if op == "delta_rule":
-        beta = torch.sigmoid(torch.randn(B, H, L, generator=g)).to(device=device, dtype=dtype)
-        inputs.append(beta.requires_grad_(requires_grad))
-    grad_o = torch.randn(B, H, L, Dv, generator=g).to(device=device, dtype=dtype)
-    keywords = {}
-    if decay:  # alpha = exp(g) spread over (0.5, 1), like a trained Gated DeltaNet's gate
-        log_decay = torch.log(0.5 + 0.5 * torch.rand(B, H, L, generator=g)).to(device=device)
-        keywords["g"] = log_decay.requires_grad_(requires_grad)
-    return inputs, keywords, grad_o
+    # alpha = exp(g) spread over (0.5, 1), like a trained Gated DeltaNet's gate
+    p = random_problem(op, *shape, dtype=dtype, device=device, decay=0.5 if decay else None)
+    inputs = [x.detach().clone().requires_grad_(requires_grad) for x in p.inputs()]
+    keywords = {} if p.g is None else {"g": p.g.requires_grad_(requires_grad)}
+    return inputs, keywords, p.grad_o
 
 
 def forms(op: str, device: torch.device, impls: list[str] | None, chunk_sizes: list[int]):
     """(label, callable) for every requested form; chunk sizes other than the default are extra rows."""
-    public, chunk_fn, _ = OPS[base_op(op)[0]]
+    public, chunk_fn = OPS[base_op(op)[0]]
     names = available_impls(base_op(op)[0], device) if impls is None else impls
     out = []
     for name in names:
@@ -192,7 +178,7 @@ def bench_row(op, label, fn, shape, dtype_name, mode, args, peak: MatmulPeak) ->
         times.append(timed(step, device))
     memory = peak_memory_bytes(step, device)
     B, H, L, Dk, Dv = shape
-    useful = OPS[base_op(op)[0]][2] * B * H * L * Dk * Dv / (1 if backward else 3)
+    useful = useful_flops(base_op(op)[0], B, H, L, Dk, Dv, backward=backward)
     ms = statistics.median(times)
     mm_peak = statistics.median(peaks)
     return {
