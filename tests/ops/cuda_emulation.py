@@ -173,13 +173,29 @@ SANITIZED_CASES = [  # (op, dtype, B, H, L, Dk, Dv, C, decay, extra)
 ]
 
 
+# With LMTOOL_EMU_FAULT=misaligned-vector-loads: q and k one element off a 16-byte boundary, Dk a multiple of 4.
+MISALIGNED_CASES = [("sum_rule", torch.float32, 1, 1, 5, 16, 8, 4, None, {"misaligned": True})]
+
+
+def misaligned(p: Problem) -> Problem:
+    """``p`` with q and k as views one element into a larger buffer (their rows not 16-byte aligned)."""
+    for name in ("q", "k"):
+        x = getattr(p, name)
+        buf = torch.zeros(*x.shape[:-1], x.shape[-1] + 1, dtype=x.dtype)
+        buf[..., 1:] = x
+        setattr(p, name, buf[..., 1:])
+    return p
+
+
 def run_sanitized_cases(ext: ModuleType) -> int:
-    """Runs SANITIZED_CASES; prints one line each; returns the number of failures."""
+    """Runs SANITIZED_CASES (MISALIGNED_CASES under that fault); prints one line each; returns the failures."""
     failures = 0
-    for i, (op, dtype, B, H, L, Dk, Dv, C, decay, extra) in enumerate(SANITIZED_CASES):
+    fault = os.environ.get("LMTOOL_EMU_FAULT") == "misaligned-vector-loads"
+    for i, (op, dtype, B, H, L, Dk, Dv, C, decay, extra) in enumerate(MISALIGNED_CASES if fault else SANITIZED_CASES):
         extra = dict(extra)
-        with_state = extra.pop("with_state", True)
+        with_state, off = extra.pop("with_state", True), extra.pop("misaligned", False)
         p = random_problem(op, B, H, L, Dk, Dv, dtype=dtype, seed=i, decay=decay, strided=extra.pop("strided", False))
+        p = misaligned(p) if off else p
         actual = run_kernels(ext, p, scale=0.7, C=C, with_state=with_state, **extra)
         worst, err = max_error(actual, reference(p, scale=0.7, with_state=with_state), p, with_state)
         ok = err <= (1e-5 if dtype == torch.float32 else 1e-2)

@@ -5,7 +5,7 @@ Parity with the float64 reference for every key-width tile, several block layout
 which add their sums in place in tile order), strides and both dtypes, with and without a decay; a NaN or inf keeps
 the recurrent form's finite/non-finite pattern; the "cuda" forms end to end (wrapper, autograd, binding); and a
 child process runs a set of cases on a build with AddressSanitizer and UBSan, where an injected out-of-bounds
-access fails with ASan's report.
+access fails with ASan's report and an injected misaligned vector load with UBSan's.
 """
 
 from __future__ import annotations
@@ -284,3 +284,12 @@ def test_an_out_of_bounds_access_fails_with_a_sanitizer_report(emulated_extensio
     assert result.returncode == 23, result.stderr[-3000:]  # ASAN_OPTIONS exitcode (a segfault would be -11)
     assert "ERROR: AddressSanitizer: heap-buffer-overflow" in result.stderr
     assert "forward_kernel" in result.stderr  # the report points into the kernel
+
+
+@pytest.mark.slow
+def test_a_misaligned_vector_load_fails_with_a_sanitizer_report(emulated_extension, sanitized_library):
+    """Vector loads forced onto rows that are one element off a 16-byte boundary (an injected fault; the launcher
+    itself picks scalar loads there) end the child with UBSan's misaligned-load report for float4."""
+    result = run_sanitized_child(emulated_extension, sanitized_library, LMTOOL_EMU_FAULT="misaligned-vector-loads")
+    assert result.returncode == 24, result.stderr[-3000:]  # UBSAN_OPTIONS exitcode
+    assert "misaligned address" in result.stderr and "float4" in result.stderr, result.stderr[-3000:]

@@ -21,13 +21,14 @@ struct dim3 {
   unsigned x, y, z;
   dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
-struct float2 {
+// The vector types with CUDA's alignment, so that UBSan's alignment check flags a misaligned vector load.
+struct alignas(8) float2 {
   float x, y;
 };
-struct float4 {
+struct alignas(16) float4 {
   float x, y, z, w;
 };
-struct uint2 {
+struct alignas(8) uint2 {
   unsigned x, y;
 };
 
@@ -56,8 +57,9 @@ namespace lmtool_emu {
 // Runs `body` for every thread of every block (blocks one after another, in CUDA's linear order: x fastest);
 // returns a CUDA error code: a shuffle or barrier that not every thread reaches fails the launch.
 int run_grid(dim3 grid, dim3 block, size_t shared_bytes, const std::function<void()>& body);
-// LMTOOL_EMU_FAULT (tests only): "wrong-values" (scale off by 1%), "launch-error" (nothing runs, error 9) or
-// "out-of-bounds" (one token more than the buffers hold); "" otherwise.
+// LMTOOL_EMU_FAULT (tests only): "wrong-values" (scale off by 1%), "launch-error" (nothing runs, error 9),
+// "out-of-bounds" (one token more than the buffers hold) or "misaligned-vector-loads" (vector loads of q and k
+// even where the launcher chose scalar ones); "" otherwise.
 const char* fault();
 }  // namespace lmtool_emu
 
@@ -70,5 +72,6 @@ int launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t share
   if (std::strcmp(fault, "launch-error") == 0) return cudaErrorInvalidConfiguration;
   if (std::strcmp(fault, "wrong-values") == 0) std::get<0>(copy).scale *= 1.01f;
   if (std::strcmp(fault, "out-of-bounds") == 0) std::get<0>(copy).L += 1;
+  if (std::strcmp(fault, "misaligned-vector-loads") == 0) std::get<sizeof...(Args) - 1>(copy) = true;  // `vec`
   return lmtool_emu::run_grid(grid, block, shared, [&] { std::apply(kernel, copy); });
 }
