@@ -189,12 +189,15 @@ def _self_check(op: str, ext: ModuleType, dtype: torch.dtype, Dk: int, Dv: int, 
     """Run the kernels once on a small random problem (outputs, final state and every gradient) and raise if they
     differ from the chunk form in float64 on the same (rounded) inputs, or fail to launch."""
     B, H, L, C = SELF_CHECK_SHAPE
-    problem = random_problem(op, B, H, L, Dk, Dv, dtype=dtype, device=device, seed=0, decay=0.5 if decay else None)
 
     def kernels(q, k, v, beta=None, *, g, scale, initial_state, output_final_state):  # no self-check in here
         return _scan(q, k, v, beta, g, scale, initial_state, output_final_state, C, ext)
 
-    with torch.autocast(device_type=torch.device(device).type, enabled=False):
+    # Whatever the caller's mode (autocast, no_grad, inference_mode): plain tensors with autograd. The inputs come
+    # from their own generator, so the check leaves torch's random state as it was.
+    with torch.inference_mode(False), torch.autocast(device_type=torch.device(device).type, enabled=False):
+        decay_ = 0.5 if decay else None
+        problem = random_problem(op, B, H, L, Dk, Dv, dtype=dtype, device=device, seed=0, decay=decay_)
         actual = outputs_and_grads(kernels, problem, scale=0.5)
         if torch.device(device).type == "cuda":
             torch.cuda.synchronize(device)  # a launch or memory error shows here, not in a later op

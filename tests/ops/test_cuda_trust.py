@@ -91,6 +91,21 @@ def test_the_self_check_runs_once_per_kernel_and_passes_for_correct_kernels(kern
     assert fresh_record.used_impls() == {"delta_rule": ["cuda"]}
 
 
+@pytest.mark.slow
+def test_the_self_check_passes_under_inference_mode_and_keeps_the_random_state(kernels_on_emulation):
+    """A first use under torch.inference_mode (no autograd there) still checks fwd+bwd and trusts correct kernels;
+    torch's global random state is as before (a resumed run stays exact)."""
+    p = random_problem("sum_rule", 1, 2, 13, 8, 8, seed=3)
+    state = torch.get_rng_state()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.inference_mode():
+            o, _ = cuda.sum_rule_cuda(*p.inputs())
+    assert torch.equal(torch.get_rng_state(), state)
+    assert list(cuda.EXTENSION.verdicts().values()) == [None]
+    torch.testing.assert_close(o, cuda.CHUNK_FORMS["sum_rule"](*p.inputs())[0], rtol=1e-5, atol=1e-5)
+
+
 def test_auto_calls_the_native_form_without_strict(monkeypatch):
     """impl="auto" reaches a native form through its non-strict entry, impl="cuda" through the strict one."""
     seen = []
