@@ -251,12 +251,14 @@ def fla_forms() -> dict:
     from fla.ops.delta_rule import chunk_delta_rule
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
-    def wrap(q, k, v, beta, g=None, **_):
-        t = [x.transpose(1, 2).contiguous() for x in (q, k, v)] + [beta.transpose(1, 2).contiguous()]
-        if g is None:
-            o, _ = chunk_delta_rule(*t, scale=1.0)
-        else:
-            o, _ = chunk_gated_delta_rule(t[0], t[1], t[2], g.transpose(1, 2).contiguous(), t[3], scale=1.0)
+    def wrap(q, k, v, beta, g=None, **_):  # fla's layout is [B, T, H, D] (head_first=False)
+        q, k, v, beta = (x.transpose(1, 2).contiguous() for x in (q, k, v, beta))
+        args = (q, k, v, beta) if g is None else (q, k, v, g.transpose(1, 2).contiguous(), beta)
+        fn = chunk_delta_rule if g is None else chunk_gated_delta_rule
+        try:
+            o, _ = fn(*args, scale=1.0, head_first=False)
+        except TypeError:  # versions without the head_first argument take [B, T, H, D] only
+            o, _ = fn(*args, scale=1.0)
         return o.transpose(1, 2), None
 
     return {"fla": wrap}
