@@ -50,11 +50,14 @@ from torch.autograd.function import once_differentiable
 
 from lmtool.ops.checks import TOLERANCE, grad_names, outputs_and_grads, random_problem, relative_errors, worst_error
 from lmtool.ops.delta_rule import delta_rule_chunk
-from lmtool.ops.native import KernelSelfCheckFailed, KernelsUnavailable, NativeExtension, kernel_cache_dir
+from lmtool.ops.native import (  # KernelsUnavailable and kernel_cache_dir: part of this module's API
+    KernelSelfCheckFailed,
+    KernelsUnavailable,  # noqa: F401
+    NativeExtension,
+    kernel_cache_dir,  # noqa: F401
+)
 from lmtool.ops.registry import note_use, register_impl
 from lmtool.ops.sum_rule import sum_rule_chunk
-
-__all__ = ["KernelSelfCheckFailed", "KernelsUnavailable", "kernel_cache_dir"]
 
 KERNEL_DIR = Path(__file__).resolve().parents[2] / "kernels"
 SOURCES = ("fast_weight_binding.cpp", "fast_weight_forward.cu", "fast_weight_backward.cu")
