@@ -95,6 +95,9 @@ class TrainerConfig:
     batch_chunk: int = 1  # gradient accumulation: split each batch into this many chunks
     varlen: bool = False
     num_threads: int = 0  # torch intra-op threads on CPU; 0 keeps torch's default
+    # torch.compile the layers' small elementwise functions (lmtool/layers/compile.py); never required: a
+    # failure warns once and runs eagerly
+    compile: bool = False
     resume: str | None = None  # checkpoint path; by default a run resumes from <run dir>/checkpoints/last.pt
     progress: bool = True
 

@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from lmtool.config import compose_config  # noqa: E402
+from lmtool.layers.compile import set_compile  # noqa: E402
 from lmtool.models.build import build_model  # noqa: E402
 from lmtool.train.device import autocast  # noqa: E402
 from lmtool.train.memory import keep_freed_memory  # noqa: E402
@@ -100,12 +101,14 @@ def parse_args(argv=None):
     p.add_argument("--threads", default="1,2", help="comma-separated thread counts")
     p.add_argument("--steps", type=int, default=7, help="timed steps per configuration (after one warm-up)")
     p.add_argument("--override", action="append", default=[], help="an lmtool-train override for every model")
+    p.add_argument("--compile", action="store_true", help="as trainer.compile=true (layers' elementwise functions)")
     p.add_argument("--json", action="store_true")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    set_compile(args.compile)
     cases = [
         Case(name, [*MODELS[name], *args.override], precision, int(threads))
         for name in args.models.split(",")
@@ -132,7 +135,7 @@ def main(argv=None) -> None:
             "pct_of_mm_peak": 100 * case.flops / seconds / peak,
         })  # fmt: skip
     meta = {"torch": torch.__version__, "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
-            "steps": args.steps, "overrides": args.override}  # fmt: skip
+            "steps": args.steps, "overrides": args.override, "compile": args.compile}  # fmt: skip
     if args.json:
         print(json.dumps({"meta": meta, "rows": rows}, indent=1))
         return

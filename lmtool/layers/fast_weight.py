@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmtool.layers.compile import compilable
 from lmtool.layers.dropout import Dropout
-from lmtool.layers.feature_maps import FEATURE_MAPS, make_feature_map
+from lmtool.layers.feature_maps import FEATURE_MAPS, ElementwiseFeatureMap, make_feature_map
 from lmtool.layers.mixer import ModelConfig, TokenMixer, check_layer_args
 from lmtool.layers.modern import DecayGate, RMSNorm, ShortConvolution
 from lmtool.ops import available_impls, delta_rule, sum_rule
@@ -48,6 +49,13 @@ def normalize_features(phi: torch.Tensor, qk_norm: str, eps: float) -> torch.Ten
     if qk_norm == "l2":
         return phi / phi.norm(dim=-1, keepdim=True).clamp_min(eps)
     return phi
+
+
+@compilable
+def elementwise_features(fn: Callable, x: torch.Tensor, qk_norm: str, eps: float) -> torch.Tensor:
+    """`normalize_features(fn(x), qk_norm, eps)` for an elementwise feature map `fn`: one fused loop when
+    compiled (`lmtool.layers.compile`)."""
+    return normalize_features(fn(x), qk_norm, eps)
 
 
 # (S, z, convolution tail); z is None without a normaliser, the tail None without short_conv. Checkpoints
@@ -260,7 +268,12 @@ class FastWeightAttention(TokenMixer):
             q, k, v, beta = self._substeps(proj, x, dtype)
             g = self._log_decay(x, dtype)
             # one call for q and k so that a random feature map uses one projection for both
-            phi_q, phi_k = self._normalize(self.feature_map(torch.cat([q, k], dim=2))).split([L, L * n], dim=2)
+            qk = torch.cat([q, k], dim=2)
+            if isinstance(self.feature_map, ElementwiseFeatureMap):  # a pure function: compiled if enabled
+                phi = elementwise_features(self.feature_map.fn, qk, self.qk_norm, self.eps)
+            else:
+                phi = self._normalize(self.feature_map(qk))
+            phi_q, phi_k = phi.split([L, L * n], dim=2)
             phi_q = self._read_at_last_substep(phi_q)
             S0, z0 = self._initial_state(state, B, dtype, x.device)
             z = None if z0 is None else z0.unsqueeze(2) + torch.cumsum(phi_k, dim=2)  # z_t, [B, H, L n, d_dot]

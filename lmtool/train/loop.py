@@ -19,6 +19,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from lmtool.config import validate
 from lmtool.data import LMOrderedIterator, load_corpus
+from lmtool.layers.compile import set_compile
 from lmtool.models.build import build_model, model_signature
 from lmtool.models.state import LMState, detach_state, map_state, merge_state, split_state
 from lmtool.train import distributed, rundir
@@ -75,6 +76,7 @@ class Trainer:
             torch.set_num_threads(self.t.num_threads)
         if self.device.type == "cpu":
             keep_freed_memory()  # a step's large tensors reuse mapped pages instead of faulting in new ones
+        set_compile(self.t.compile)
         torch.manual_seed(cfg.seed)
         d = cfg.dataset
         with distributed.main_first():  # rank 0 builds the corpus cache, the others read it
