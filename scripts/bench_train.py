@@ -94,6 +94,19 @@ def mm_rate(threads: int) -> float:
     return 2 * 2048**3 / (time.perf_counter() - start)
 
 
+def profile(cases: list[Case], steps: int) -> None:
+    """Print each configuration's operators by self time over `steps` steps (after a warm-up step), with the load."""
+    from torch.profiler import profile as torch_profile
+
+    for case in cases:
+        case.step()
+        with torch_profile() as prof:
+            for _ in range(steps):
+                case.step()
+        print(f"# {case.name} {case.precision} {case.threads} threads, {steps} steps, load {os.getloadavg()}")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=40))
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="fwm,transformer", help=f"comma-separated, from {', '.join(MODELS)}")
@@ -102,6 +115,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=7, help="timed steps per configuration (after one warm-up)")
     p.add_argument("--override", action="append", default=[], help="an lmtool-train override for every model")
     p.add_argument("--compile", action="store_true", help="as trainer.compile=true (layers' elementwise functions)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="instead: profile N steps of each configuration and print torch.profiler's top operators")
     p.add_argument("--json", action="store_true")
     return p.parse_args(argv)
 
@@ -118,6 +133,8 @@ def main(argv=None) -> None:
     load_before = os.getloadavg()
     for case in cases:
         case.step()  # warm-up
+    if args.profile:
+        return profile(cases, args.profile)
     times: dict[int, list[float]] = {i: [] for i in range(len(cases))}
     peaks: dict[int, list[float]] = {}
     for _ in range(args.steps):

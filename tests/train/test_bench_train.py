@@ -28,3 +28,12 @@ def test_useful_flops_count_the_linear_maps_and_the_mixer():
     linear = sum(x.weight.numel() for x in case.model.modules() if isinstance(x, torch.nn.Linear))
     per_token = 6 * linear + m.n_layer * m.n_head * 18 * m.d_head**2
     assert case.flops == per_token * case.inp.numel()
+
+
+def test_profile_prints_the_top_operators(capsys):
+    """--profile N prints torch.profiler's operator table per configuration instead of the timing rows."""
+    bench = load_script("bench_train")
+    bench.main(["--override", "debug=smoke", "--models", "fwm", "--precisions", "fp32", "--threads", "1",
+                "--profile", "1"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert out.startswith("# fwm fp32 1 threads, 1 steps") and "aten::" in out
