@@ -24,8 +24,7 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     if x.device.type != "cpu" or p == 1.0:
         return F.dropout(x, p, training)
     keep = torch.empty(x.shape, dtype=torch.int32, device=x.device).random_() >= round(p * 2**31)
-    scale, zero = (torch.tensor(v, dtype=x.dtype) for v in (1.0 / (1.0 - p), 0.0))
-    return x * torch.where(keep, scale, zero)  # the mask in x's dtype, {0, 1 / (1 - p)}, as F.dropout's
+    return x * keep.to(x.dtype).mul_(1.0 / (1.0 - p))  # the mask in x's dtype, {0, 1 / (1 - p)}, as F.dropout's
 
 
 class Dropout(nn.Dropout):
