@@ -61,6 +61,17 @@ def test_emulated_kernels_match_recurrent(emulated_extension, op, dtype, name, D
     assert_close(actual, expected, grad_names(op, with_state=with_state), 1e-5 if dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("op", OPS)
+def test_emulated_forward_with_fewer_warps_for_a_small_problem(emulated_extension, monkeypatch, op):
+    """With many multiprocessors (LMTOOL_EMU_SMS=132) the forward launcher gives a small problem fewer warps per
+    block (more blocks); the results still match the reference."""
+    monkeypatch.setenv("LMTOOL_EMU_SMS", "132")
+    p = random_problem(op, 1, 2, 13, 16, 40, seed=5)
+    actual = run_kernels(emulated_extension, p, scale=0.7, C=4)
+    assert_close(actual, reference(p, scale=0.7), grad_names(op), 1e-5)
+
+
 EMULATED_DECAY = [  # (id, Dk, Dv, L, C, log-decay, dtype, extra); L = 21 is not a multiple of C = 8
     ("Dk16-Dv40-L21-C8-flush8-strong-fp32", 16, 40, 21, 8, "strong", torch.float32, {"flush": 8}),
     ("Dk16-Dv40-L21-C8-flush8-strong-bf16", 16, 40, 21, 8, "strong", torch.bfloat16, {"flush": 8}),
