@@ -72,6 +72,28 @@ def test_emulated_forward_with_fewer_warps_for_a_small_problem(emulated_extensio
     assert_close(actual, reference(p, scale=0.7), grad_names(op), 1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("decay", [None, 0.9], ids=["no-g", "g"])
+def test_backward_allocates_no_buffer_per_column_tile(emulated_extension, decay):
+    """With 3 column tiles the binding's backward allocates exactly its outputs (dq, dk, dv, dbeta, (dg), ds0), the
+    tiles' int32 counters and, with g, the scratch of min(C, L) states: the tiles add their sums in place (the
+    earlier [tiles, B, H, L, Dk] partial sums would add 2 x 3 x B H L Dk floats)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    B, H, L, Dk, Dv, C, warps = 1, 2, 64, 48, 50, 16, 3  # 3 warps of 8 columns: 3 column tiles
+    p = random_problem("delta_rule", B, H, L, Dk, Dv, seed=1, decay=decay)
+    o, S, resid, ckpt = emulated_extension.forward(p.q, p.k, p.v, p.beta, p.g, p.s0, 1.0, C, True, False, 0, warps)
+    args = (p.q, p.k, resid, p.beta, p.g, p.grad_o, p.s0, S, p.grad_s, ckpt, 1.0, C, False, 0, warps)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        grads = emulated_extension.backward(*args)
+    # every buffer comes from aten::empty (at::zeros allocates through it: counting both would count it twice)
+    allocated = sum(e.cpu_memory_usage for e in prof.events() if e.name in ("aten::empty", "aten::empty_strided"))
+    outputs = sum(x.numel() * x.element_size() for x in grads)
+    tiles = 3
+    scratch = B * H * tiles * 24 * 64 * min(C, L) * 4 if decay else 0  # tiles x columns per block x DkPad x min(C, L)
+    assert allocated == outputs + B * H * tiles * 4 + scratch
+
+
 EMULATED_DECAY = [  # (id, Dk, Dv, L, C, log-decay, dtype, extra); L = 21 is not a multiple of C = 8
     ("Dk16-Dv40-L21-C8-flush8-strong-fp32", 16, 40, 21, 8, "strong", torch.float32, {"flush": 8}),
     ("Dk16-Dv40-L21-C8-flush8-strong-bf16", 16, 40, 21, 8, "strong", torch.bfloat16, {"flush": 8}),
