@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 
-from lmtool.ops import cuda, native
+from lmtool.ops import cuda, native, registry
 from lmtool.ops.checks import random_problem
 from lmtool.ops.registry import resolve_impl
 
@@ -24,14 +24,12 @@ def runtime_warnings(record) -> list[str]:
 @pytest.fixture
 def fresh_record(monkeypatch):
     """An empty record of the forms used (restored afterwards)."""
-    monkeypatch.setattr("lmtool.ops.registry._USED", {})
-    from lmtool.ops import registry
-
+    monkeypatch.setattr(registry, "_USED", {})
     return registry
 
 
 def call_twice(op, **kwargs):
-    """Two calls of the "cuda" form with gradients; their outputs, and the warnings they gave."""
+    """Two calls of the "cuda" form; the problem, their outputs, and the warnings they gave."""
     p = random_problem(op, 1, 2, 13, 8, 8, seed=3)
     results = []
     with warnings.catch_warnings(record=True) as record:
@@ -111,8 +109,6 @@ def test_auto_calls_the_native_form_without_strict(monkeypatch):
     seen = []
     monkeypatch.setattr(cuda, "_run", lambda *args: seen.append(args[-1]) or (None, None))
     monkeypatch.setattr(cuda, "runs_on", lambda device: True)
-    from lmtool.ops import registry
-
     entry = registry._REGISTRY["delta_rule"]["cuda"]
     monkeypatch.setitem(registry._REGISTRY["delta_rule"], "cuda", entry.__class__(
         entry.fn, None, entry.priority, None, entry.auto_fn, entry.reports_use))  # fmt: skip
