@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from lmtool.models.build import build_model  # noqa: E402
 from lmtool.train.metrics import read_history  # noqa: E402
+from lmtool.train.sweep import job_summary  # noqa: E402
 
 PTB_VOCAB = 10_000
 
@@ -42,17 +43,17 @@ def parameters(run_dir: Path) -> int:
 
 def job_result(run_dir: Path) -> dict:
     """The job's family, seed, and (if its final evaluation is there) valid/test ppl, tokens/s and wall time."""
-    overrides = list(OmegaConf.load(run_dir / ".hydra" / "overrides.yaml"))
+    summary = job_summary(run_dir)  # the sweep summary's row: overrides and final (or last) metrics
+    overrides = summary["overrides"].split()
     seed = next((o.split("=", 1)[1] for o in overrides if o.startswith("seed=")), "default")
     family = tuple(o for o in overrides if not o.startswith(("seed=", "trainer.", "hydra.")))
     history = read_history(run_dir / "metrics.jsonl")
-    final = {r["split"]: r for r in history if r.get("final")}
     speeds = [r["tokens_per_s"] for r in history if r["split"] == "train" and "tokens_per_s" in r]
     elapsed = [r["elapsed_s"] for r in history if "elapsed_s" in r]
-    done = "valid" in final and "test" in final
+    done = "test_ppl" in summary  # test is scored only by the final evaluation, after the final valid
     return {
         "family": family, "seed": seed, "done": done,
-        "valid": final["valid"]["ppl"] if done else None, "test": final["test"]["ppl"] if done else None,
+        "valid": summary["valid_ppl"] if done else None, "test": summary["test_ppl"] if done else None,
         "tokens_per_s": statistics.median(speeds) if speeds else None, "wall_s": max(elapsed) if elapsed else None,
         "run_dir": run_dir,
     }
