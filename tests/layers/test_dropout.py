@@ -22,6 +22,17 @@ def test_kept_fraction_and_scale_match_bernoulli(p):
     torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / (1 - p)), rtol=0, atol=0)
     both = (kept[:, 1:] & kept[:, :-1]).float().mean().item()
     assert abs(both - (1 - p) ** 2) < 6 * ((1 - p) ** 2 * (1 - (1 - p) ** 2) / n) ** 0.5
+    for half in (kept[:, 0::2], kept[:, 1::2]):  # the low and the high word of each 64-bit draw
+        assert abs(half.float().mean().item() - (1 - p)) < 6 * (p * (1 - p) / half.numel()) ** 0.5
+
+
+def test_odd_sizes_get_a_mask_of_their_own_shape():
+    """An odd number of elements (half a 64-bit draw left over) and a non-contiguous input get a full mask."""
+    torch.manual_seed(2)
+    for x in (torch.ones(7, 9, 3), torch.ones(8, 6).T, torch.ones(1)):
+        y = dropout(x, 0.5, True)
+        assert y.shape == x.shape and set(y.unique().tolist()) <= {0.0, 2.0}
+    assert (dropout(torch.ones(10001), 0.5, True) != 0).sum().item() in range(4700, 5300)
 
 
 def test_gradient_is_the_mask_times_the_scale():
