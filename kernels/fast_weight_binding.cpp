@@ -10,25 +10,15 @@
 #include <optional>
 #include <vector>
 
+#include "binding_common.h"
 #include "fast_weight.h"
 
 namespace {
 
+using lmtool_binding::check_cuda;
+using lmtool_binding::dtype_code;
+using lmtool_binding::poison;
 using lmtool_fw::Strides;
-
-int dtype_code(const at::Tensor& x) {
-  if (x.scalar_type() == at::kFloat) return lmtool_fw::kFloat32;
-  if (x.scalar_type() == at::kBFloat16) return lmtool_fw::kBFloat16;
-  TORCH_CHECK(false, "lmtool fast-weight kernels take float32 or bfloat16 inputs, got ", x.scalar_type());
-  return -1;
-}
-
-void check_cuda(const at::Tensor& x, const char* name, const at::Tensor& like) {
-#ifndef LMTOOL_FW_HOST_EMULATION  // defined only by tests/ops/test_cuda.py, which links a CPU emulation
-  TORCH_CHECK(x.is_cuda(), "lmtool fast-weight kernels: ", name, " must be a CUDA tensor");
-#endif
-  TORCH_CHECK(x.device() == like.device(), "lmtool fast-weight kernels: ", name, " is on another device than q");
-}
 
 // [B, H, L, D] with unit stride along D (a copy otherwise): strides of B, H and L in elements.
 at::Tensor rows_contiguous(const at::Tensor& x) { return x.stride(-1) == 1 ? x : x.contiguous(); }
@@ -57,13 +47,6 @@ at::Tensor log_decay(const std::optional<at::Tensor>& g, const at::Tensor& like,
 
 void check_status(int status) {
   TORCH_CHECK(status == 0, "lmtool fast-weight kernel failed: ", lmtool_fw::error_string(status));
-}
-
-void poison(const std::vector<at::Tensor>& outs, bool on) {
-  if (!on) return;
-  for (const auto& t : outs) {
-    if (t.defined() && t.numel() > 0) t.fill_(std::numeric_limits<float>::quiet_NaN());
-  }
 }
 
 // The fields ForwardArgs and BackwardArgs share: dtype, rule, sizes (B, H, L, Dk from q), scale, q and k.

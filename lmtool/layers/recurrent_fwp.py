@@ -11,9 +11,9 @@ the fast nets' inputs; every fast matrix is written with the delta rule
 Each layer has two forms of the same computation: `forward_reference`, a step loop written from the
 equations (the executable spec), and `forward`, the fast form used in training: one matmul for every slow
 projection of the segment, the feed-forward fast matrices through the chunked `lmtool.ops.delta_rule`, and
-one fused step per token for what depends on the previous output (the read of the old value and the new
-read share one batched matmul: S_t^T p = S_{t-1}^T p + u_t (k_t . p)); the per-step inputs come from one
-unbind and the outputs are stacked once (`steps`). Tests check that both forms agree in float64.
+what depends on the previous output through the scan ops of `lmtool.ops.recurrent_scan` (`delta_rnn_scan`,
+`delta_lstm_scan`, `rec_delta_scan`: a fused torch step per token, or one CUDA kernel for the whole scan on a
+GPU, picked by impl="auto"). Tests check that both forms agree in float64.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from torch import nn
 from lmtool.layers.dropout import Dropout
 from lmtool.layers.fast_weight import normalize_features
 from lmtool.layers.mixer import ModelConfig, TokenMixer, check_layer_args
-from lmtool.ops import delta_rule
+from lmtool.ops import delta_lstm_scan, delta_rnn_scan, delta_rule, rec_delta_scan
+from lmtool.ops.recurrent_scan import rec_delta_inputs
 
 State = tuple[torch.Tensor, ...]
 
@@ -56,15 +57,6 @@ def delta_write(S: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.T
 def read(S: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """S^T q for `S [..., Dk, Dv]`, q `[..., Dk]` (reference form)."""
     return torch.einsum("...kv,...k->...v", S, q)
-
-
-def steps(*xs: torch.Tensor) -> zip:
-    """The per-step slices `[B G, D]` of tensors `[B, G, L, D]`, from one unbind each.
-
-    Indexing `x[:, :, t]` at every step (or writing outputs into a preallocated buffer) would make autograd
-    allocate and add a full-size gradient per step; one unbind (and one stack of the outputs) costs one op.
-    """
-    return zip(*(x.permute(2, 0, 1, 3).reshape(x.shape[2], -1, x.shape[3]).unbind(0) for x in xs), strict=True)
 
 
 class FastWeightProgrammer(TokenMixer):
@@ -199,19 +191,9 @@ class DeltaRNN(FastWeightProgrammer):
     def _fast(self, inputs: tuple, state: State) -> tuple[torch.Tensor, State]:
         q, k, v, b, kr, vr, br = inputs
         W, R, y = state
-        B, H, L, D = q.shape
         z, W = delta_op(q, k, v, b, W)  # the feed-forward part W_t q_t, chunked
-        R, y = R.reshape(B * H, D, D), y.reshape(B * H, D)
-        outs = []
-        for z_t, k_t, v_t, b_t in steps(z, kr, vr, br.unsqueeze(-1)):
-            p = torch.softmax(y, -1)
-            old, r = torch.bmm(torch.stack([k_t, p], 1), R).unbind(1)  # R_{t-1}^T k_r, R_{t-1}^T p
-            u = b_t * (v_t - old)
-            y = z_t + r + u * (k_t * p).sum(-1, keepdim=True)
-            R = torch.baddbmm(R, k_t.unsqueeze(2), u.unsqueeze(1))
-            outs.append(y)
-        out = torch.stack(outs).view(L, B, H, D).permute(1, 2, 0, 3)
-        return out, (W, R.view(B, H, D, D), y.view(B, H, D))
+        out, (R, y) = delta_rnn_scan(z, kr, vr, br, initial_state=(R, y), output_final_state=True)
+        return out, (W, R, y)
 
 
 class DeltaLSTM(FastWeightProgrammer):
@@ -268,24 +250,9 @@ class DeltaLSTM(FastWeightProgrammer):
     def _fast(self, inputs: tuple, state: State) -> tuple[torch.Tensor, State]:
         q, k, v, b, kr, vr, br = inputs
         W, R, y, c = state
-        B, G, L, D = q.shape
-        H = self.n_head
         z, W = delta_op(q, k, v, b, W)  # the three feed-forward parts in one chunked call
-        R, y, c = R.reshape(B * G, D, D), y.reshape(B, 1, H, D), c.reshape(B, H, D)
-        outs = []
-        for z_t, k_t, v_t, b_t in steps(z, kr, vr, br.unsqueeze(-1)):
-            p = torch.softmax(y, -1).expand(B, 3, H, D)
-            old, r = torch.bmm(torch.stack([k_t.view(B, 3, H, D), p], 3).view(B * G, 2, D), R).unbind(1)
-            u_w = b_t * (v_t - old)
-            a = (z_t + r + u_w * (k_t * p.reshape(B * G, D)).sum(-1, keepdim=True)).view(B, 3, H, D)
-            i, u, o = a.unbind(1)
-            i = torch.sigmoid(i)
-            c = c + i * (u - c)
-            y = torch.sigmoid(o) * c
-            R = torch.baddbmm(R, k_t.unsqueeze(2), u_w.unsqueeze(1))
-            outs.append(y)
-            y = y.unsqueeze(1)
-        return torch.stack(outs, 2), (W, R.view(B, G, D, D), y.view(B, H, D), c)
+        out, (R, y, c) = delta_lstm_scan(z, kr, vr, br, initial_state=(R, y, c), output_final_state=True)
+        return out, (W, R, y, c)
 
 
 class RecurrentDeltaNet(FastWeightProgrammer):
@@ -316,19 +283,13 @@ class RecurrentDeltaNet(FastWeightProgrammer):
     def _inputs(self, x: torch.Tensor, dtype: torch.dtype) -> tuple:
         return self._project(x, dtype), self.rec.to(dtype)
 
-    def _slow_step(self, a: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """q, k, v, beta from the pre-activations `[..., 3 D + 1]`."""
-        D = self.d_head
-        q, k, v, b = a.split([D, D, D, 1], dim=-1)
-        return torch.softmax(q, -1), torch.softmax(k, -1), v, torch.sigmoid(b).squeeze(-1)
-
     def _reference(self, inputs: tuple, state: State) -> tuple[torch.Tensor, State]:
         proj, rec = inputs
         W, y = state
         outs = []
         for t in range(proj.shape[2]):
             a = proj[:, :, t] + torch.einsum("bhd,hde->bhe", torch.tanh(y), rec)
-            q, k, v, b = self._slow_step(a)
+            q, k, v, b = rec_delta_inputs(a)
             W = delta_write(W, k, v, b)
             y = read(W, q)
             outs.append(y)
@@ -336,23 +297,7 @@ class RecurrentDeltaNet(FastWeightProgrammer):
 
     def _fast(self, inputs: tuple, state: State) -> tuple[torch.Tensor, State]:
         proj, rec = inputs
-        W, y = state
-        B, H, L, P = proj.shape
-        D = self.d_head
-        # head-major [H, B, ...] inside the loop, so that the recurrent matmul is one baddbmm over heads
-        W = W.transpose(0, 1).reshape(H * B, D, D)
-        y = y.transpose(0, 1).contiguous()  # [H, B, D]
-        outs = []
-        for proj_t in proj.permute(2, 1, 0, 3).unbind(0):  # [H, B, P] per step
-            q, k, v, b = self._slow_step(torch.baddbmm(proj_t, torch.tanh(y), rec))
-            old, s_q = torch.bmm(torch.stack([k, q], 2).view(H * B, 2, D), W).unbind(1)
-            k, q = k.reshape(H * B, D), q.reshape(H * B, D)
-            u = b.reshape(H * B, 1) * (v.reshape(H * B, D) - old)
-            y = (s_q + u * (k * q).sum(-1, keepdim=True)).view(H, B, D)
-            W = torch.baddbmm(W, k.unsqueeze(2), u.unsqueeze(1))
-            outs.append(y)
-        W = W.view(H, B, D, D).transpose(0, 1).contiguous()
-        return torch.stack(outs).permute(2, 1, 0, 3), (W, y.transpose(0, 1).contiguous())
+        return rec_delta_scan(proj, rec, initial_state=state, output_final_state=True)
 
 
 def check_recurrent_fwp(cfg: Any) -> str | None:

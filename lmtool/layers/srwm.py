@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from lmtool.layers.mixer import ModelConfig, TokenMixer
-from lmtool.layers.recurrent_fwp import FastWeightProgrammer, State, check_recurrent_fwp, read, steps
+from lmtool.layers.recurrent_fwp import FastWeightProgrammer, State, check_recurrent_fwp, read
+from lmtool.ops.recurrent_scan import steps
 
 
 @dataclass

@@ -133,3 +133,77 @@ def worst_error(errors: dict[str, float], tol: float) -> str | None:
     """None if every error is within ``tol``, else a one-line description of the worst tensor."""
     name = max(errors, key=errors.get)
     return None if errors[name] <= tol else f"{name}: relative error {errors[name]:.2e} > {tol:.0e}"
+
+
+# --- the recurrent scans (lmtool.ops.recurrent_scan) ----------------------------------------------------------
+
+SCAN_INPUTS = {"delta_rnn_scan": ("z", "k", "v", "beta"), "delta_lstm_scan": ("z", "k", "v", "beta"),
+               "rec_delta_scan": ("proj", "rec")}  # fmt: skip
+SCAN_STATE = {"delta_rnn_scan": ("R", "y"), "delta_lstm_scan": ("R", "y", "c"), "rec_delta_scan": ("W", "y")}
+
+
+@dataclass
+class ScanProblem:
+    """One scan's positional inputs (rounded to their dtype; ``rec`` stays float32 like a parameter), initial state
+    (float32) and upstream gradients of the outputs ``y`` and of each final-state entry."""
+
+    op: str
+    inputs: list[torch.Tensor]
+    state: tuple[torch.Tensor, ...]
+    grad_y: torch.Tensor
+    grad_state: tuple[torch.Tensor, ...]
+
+    def to(self, dtype: torch.dtype) -> ScanProblem:
+        """The same problem in ``dtype`` (the float64 reference sees the values the low-precision form saw)."""
+
+        def cast(xs):
+            return [x.to(dtype) for x in xs]
+
+        return replace(self, inputs=cast(self.inputs), state=tuple(cast(self.state)), grad_y=self.grad_y.to(dtype),
+                       grad_state=tuple(cast(self.grad_state)))  # fmt: skip
+
+
+def random_scan_problem(
+    op: str, B: int, H: int, L: int, D: int, *, dtype: torch.dtype = torch.float32, device="cpu", seed: int = 0
+) -> ScanProblem:
+    """Fresh random inputs where the scans are stable (softmax keys, beta in (0, 1)) and a non-zero initial state;
+    drawn on the CPU (the same values on every device), per-token inputs rounded to ``dtype``."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int, std: float = 1.0) -> torch.Tensor:
+        return std * torch.randn(*shape, generator=gen)
+
+    if op == "rec_delta_scan":
+        P = 3 * D + 1
+        inputs = [randn(B, H, L, P).to(dtype), randn(H, D, P, std=D**-0.5)]
+        state = (randn(B, H, D, D, std=0.3), randn(B, H, D, std=0.5))
+    else:
+        G = 3 * H if op == "delta_lstm_scan" else H
+        z, k, v, beta = randn(B, G, L, D), torch.softmax(randn(B, G, L, D), -1), randn(B, G, L, D), randn(B, G, L)
+        inputs = [x.to(dtype) for x in (z, k, v, torch.sigmoid(beta))]
+        state = (randn(B, G, D, D, std=0.3), *(randn(B, H, D, std=0.5) for _ in SCAN_STATE[op][1:]))
+    grad_y, grad_state = randn(B, H, L, D).to(dtype), tuple(randn(*s.shape) for s in state)
+    on = [[x.to(device) for x in xs] for xs in (inputs, state, [grad_y], grad_state)]
+    return ScanProblem(op, on[0], tuple(on[1]), on[2][0], tuple(on[3]))
+
+
+def scan_grad_names(op: str, *, with_state: bool = True) -> list[str]:
+    """Names of :func:`scan_outputs_and_grads`' tensors, in order."""
+    final = [f"final_{s}" for s in SCAN_STATE[op]]
+    return ["y", *final, *(f"d{x}" for x in SCAN_INPUTS[op]), *(f"d{s}0" for s in SCAN_STATE[op] if with_state)]
+
+
+def scan_outputs_and_grads(fn: Callable, p: ScanProblem, *, with_state: bool = True, **kwargs) -> list[torch.Tensor]:
+    """``[y, *final_state, *d inputs, *d initial_state]`` of ``fn(*inputs, initial_state=..., **kwargs)`` under the loss
+    ``<y, grad_y> + sum <final_i, grad_state_i>``. Gradients of unused inputs are zeros."""
+    leaves = [x.detach().clone().requires_grad_() for x in p.inputs]
+    state = tuple(s.detach().clone().requires_grad_() for s in p.state) if with_state else None
+    with torch.enable_grad():
+        y, final = fn(*leaves, initial_state=state, output_final_state=True, **kwargs)
+        value = (y.double() * p.grad_y.double()).sum()
+        for f, g in zip(final, p.grad_state, strict=True):
+            value = value + (f.double() * g.double()).sum()
+        wrt = [*leaves, *(state or ())]
+        grads = torch.autograd.grad(value, wrt, allow_unused=True)
+    outs = [y.detach(), *(f.detach() for f in final)]
+    return outs + [torch.zeros_like(x) if d is None else d for x, d in zip(wrt, grads, strict=True)]

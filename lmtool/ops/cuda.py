@@ -39,7 +39,6 @@ The forms record what actually ran (``lmtool.ops.registry.used_impls``).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import warnings
 from pathlib import Path
@@ -55,6 +54,11 @@ from lmtool.ops.native import (  # KernelsUnavailable and kernel_cache_dir: part
     KernelsUnavailable,  # noqa: F401
     NativeExtension,
     kernel_cache_dir,  # noqa: F401
+    kernel_dtype,
+    needs_grad,
+    on_device,
+    poison_outputs,
+    stream_of,
 )
 from lmtool.ops.registry import note_use, register_impl
 from lmtool.ops.sum_rule import sum_rule_chunk
@@ -104,30 +108,6 @@ def _kernels_for(q: torch.Tensor, tensors: list[torch.Tensor | None]) -> ModuleT
     return load_extension()
 
 
-def _kernel_dtype(*xs: torch.Tensor) -> torch.dtype:
-    """bfloat16 when q, k and v all are, else float32 (float16 and mixed inputs are computed in float32)."""
-    return torch.bfloat16 if all(x.dtype == torch.bfloat16 for x in xs) else torch.float32
-
-
-def _needs_grad(*xs: torch.Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in xs)
-
-
-def _poison() -> bool:
-    """``LMTOOL_CUDA_POISON=1`` fills every kernel output with NaN before the launch (unwritten elements show)."""
-    return os.environ.get("LMTOOL_CUDA_POISON", "0") == "1"
-
-
-def _stream(device: torch.device) -> int:
-    """The current CUDA stream of ``device`` as an integer for the launchers (0 off CUDA: the tests' emulation)."""
-    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-
-
-def _on(device: torch.device):
-    """Make ``device`` current while the kernels launch (a no-op off CUDA)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 class _FastWeightScan(torch.autograd.Function):
     """Forward saves q, k, r (delta) or v (sum), beta, g, the final state and S every C tokens; nothing per token
     of size Dk x Dv. The backward reconstructs S in reverse between checkpoints, or with g recomputes each
@@ -135,8 +115,8 @@ class _FastWeightScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, beta, g, s0, scale: float, C: int, save: bool, ext):
-        poison = _poison()
-        o, S, resid, ckpt = ext.forward(q, k, v, beta, g, s0, scale, C, save, poison, _stream(q.device))
+        poison = poison_outputs()
+        o, S, resid, ckpt = ext.forward(q, k, v, beta, g, s0, scale, C, save, poison, stream_of(q.device))
         if save:  # s0: the backward may recompute S forward from it (after a NaN or inf, and always with g)
             ctx.save_for_backward(q, k, resid if beta is not None else v, beta, g, s0, S, ckpt)
         ctx.meta = (scale, C, poison, ext, None if s0 is None else s0.dtype)
@@ -149,9 +129,9 @@ class _FastWeightScan(torch.autograd.Function):
         q, k, x, beta, g, s0, S, ckpt = ctx.saved_tensors
         scale, C, poison, ext, s0_dtype = ctx.meta
         do = q.new_zeros(*q.shape[:3], x.shape[-1]) if do is None else do.to(q.dtype)
-        with _on(q.device):
+        with on_device(q.device):
             dq, dk, dv, dbeta, ds0, dg = ext.backward(
-                q, k, x, beta, g, do, s0, S, dS, ckpt, scale, C, poison, _stream(q.device)
+                q, k, x, beta, g, do, s0, S, dS, ckpt, scale, C, poison, stream_of(q.device)
             )
         return (
             dq.to(q.dtype),
@@ -170,11 +150,11 @@ class _FastWeightScan(torch.autograd.Function):
 def _scan(q, k, v, beta, g, scale, initial_state, output_final_state, checkpoint_every, ext):
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be a positive integer, got {checkpoint_every}")
-    dt = _kernel_dtype(q, k, v)
-    save = _needs_grad(q, k, v, beta, g, initial_state)
+    dt = kernel_dtype(q, k, v)
+    save = needs_grad(q, k, v, beta, g, initial_state)
     beta32 = None if beta is None else beta.float()
     g32 = None if g is None else g.float()  # the registry allows float32 or float64; float64 ran "chunk" already
-    with _on(q.device):
+    with on_device(q.device):
         o, S = _FastWeightScan.apply(
             q.to(dt), k.to(dt), v.to(dt), beta32, g32, initial_state, float(scale), int(checkpoint_every), save, ext
         )
@@ -183,7 +163,7 @@ def _scan(q, k, v, beta, g, scale, initial_state, output_final_state, checkpoint
 
 def kernel_key(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None) -> str:
     """The name of the kernel these inputs run, one self-check each: op, dtype, Dk, Dv, decay and device."""
-    dtype = "bf16" if _kernel_dtype(q, k, v) == torch.bfloat16 else "fp32"
+    dtype = "bf16" if kernel_dtype(q, k, v) == torch.bfloat16 else "fp32"
     decay = ", g" if g is not None else ""
     return f"{op}[{dtype}, Dk={q.shape[-1]}, Dv={v.shape[-1]}{decay}, {q.device}]"
 
@@ -216,7 +196,7 @@ def _run(op, q, k, v, beta, g, scale, initial_state, output_final_state, checkpo
     ext = _kernels_for(q, [q, k, v, beta, initial_state, g])
     if ext is not None:
         key = kernel_key(op, q, k, v, g)
-        dt = _kernel_dtype(q, k, v)
+        dt = kernel_dtype(q, k, v)
 
         def check():
             _self_check(op, ext, dt, q.shape[-1], v.shape[-1], g is not None, q.device)

@@ -17,6 +17,7 @@ One :class:`NativeExtension` per extension (``lmtool.ops.cuda`` has the fast-wei
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -75,6 +76,34 @@ def device_arch() -> str:
     """The visible GPU's architecture for nvcc (``"9.0"`` on Hopper), unless ``TORCH_CUDA_ARCH_LIST`` is set."""
     major, minor = torch.cuda.get_device_capability()
     return os.environ.get("TORCH_CUDA_ARCH_LIST") or f"{major}.{minor}"
+
+
+# -- launching: shared by the extensions' autograd wrappers ----------------------------------------------------
+
+
+def kernel_dtype(*xs: torch.Tensor) -> torch.dtype:
+    """bfloat16 when every input is, else float32 (float16 and mixed inputs are computed in float32)."""
+    return torch.bfloat16 if all(x.dtype == torch.bfloat16 for x in xs) else torch.float32
+
+
+def needs_grad(*xs: torch.Tensor | None) -> bool:
+    """Whether autograd will ask for a backward: the forward then saves what the backward reads."""
+    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in xs)
+
+
+def poison_outputs() -> bool:
+    """``LMTOOL_CUDA_POISON=1`` fills every kernel output with NaN before the launch (unwritten elements show)."""
+    return os.environ.get("LMTOOL_CUDA_POISON", "0") == "1"
+
+
+def stream_of(device: torch.device) -> int:
+    """The current CUDA stream of ``device`` as an integer for the launchers (0 off CUDA: the tests' emulation)."""
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+
+
+def on_device(device: torch.device):
+    """Make ``device`` current while the kernels launch (a no-op off CUDA)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 class NativeExtension:

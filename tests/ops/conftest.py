@@ -81,3 +81,27 @@ def kernels_on_emulation(emulated_extension):
     cuda.EXTENSION.use(emulated_extension)
     yield emulated_extension
     cuda.EXTENSION.reset()
+
+
+@pytest.fixture(scope="session")
+def recurrent_emulated_extension(tmp_path_factory):
+    """The recurrent scans' real binding and launchers on the CPU emulation (tests/ops/recurrent_emulation.py)."""
+    from tests.ops import cuda_emulation, recurrent_emulation
+
+    if not cuda_emulation.have_toolchain():
+        pytest.skip("g++ or ninja not installed")
+    build = tmp_path_factory.mktemp("recurrent-emulation")
+    library = recurrent_emulation.build(build / "lib", sanitize=False)
+    return recurrent_emulation.build_extension(build / "ext", library)
+
+
+@pytest.fixture
+def recurrent_kernels_on_emulation(recurrent_emulated_extension, monkeypatch):
+    """lmtool.ops.recurrent_cuda's extension is the emulated one for this test (no self-check done yet, no fallback
+    warning given yet); forgotten after."""
+    from lmtool.ops import recurrent_cuda
+
+    recurrent_cuda.EXTENSION.use(recurrent_emulated_extension)
+    monkeypatch.setattr(recurrent_cuda, "_warned", set())
+    yield recurrent_emulated_extension
+    recurrent_cuda.EXTENSION.reset()

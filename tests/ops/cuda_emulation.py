@@ -37,29 +37,34 @@ SANITIZE = ["-O0", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefine
 OPS = {"delta_rule": delta_rule, "sum_rule": sum_rule}
 
 
-def build_library(out_dir: Path, *, sanitize: bool) -> Path:
-    """The real launchers and kernels plus the emulated runtime as ``out_dir/liblmtool_fw_emu.so`` (g++)."""
+FAST_WEIGHT_SOURCES = ("fast_weight_forward.cu", "fast_weight_backward.cu")
+
+
+def build_library(out_dir: Path, *, sanitize: bool, sources=FAST_WEIGHT_SOURCES, name: str = LIBRARY) -> Path:
+    """The real launchers and kernels of ``sources`` (in kernels/) plus the emulated runtime as ``out_dir/name``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     cmd = ["g++", "-std=c++17", "-pthread", "-shared", "-fPIC", "-Wall", "-Wno-unknown-pragmas", "-Werror"]
     cmd += SANITIZE if sanitize else ["-O1"]
-    cmd += ["-DLMTOOL_FW_HOST_EMULATION", f"-I{STAND_INS}", f"-I{KERNELS}", f"-Wl,-soname,{LIBRARY}"]
-    cmd += ["-x", "c++", str(KERNELS / "fast_weight_forward.cu"), str(KERNELS / "fast_weight_backward.cu")]
-    cmd += ["-x", "none", str(STAND_INS / "emu_runtime.cpp"), "-o", str(out_dir / LIBRARY)]
+    cmd += ["-DLMTOOL_FW_HOST_EMULATION", f"-I{STAND_INS}", f"-I{KERNELS}", f"-Wl,-soname,{name}"]
+    cmd += ["-x", "c++", *(str(KERNELS / source) for source in sources)]
+    cmd += ["-x", "none", str(STAND_INS / "emu_runtime.cpp"), "-o", str(out_dir / name)]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"building the emulation failed:\n{result.stderr[-4000:]}")
-    return out_dir / LIBRARY
+    return out_dir / name
 
 
-def build_extension(out_dir: Path, library: Path) -> ModuleType:
-    """kernels/fast_weight_binding.cpp for CPU tensors, linked against ``library`` (also its compile check against
-    torch's headers: it includes no CUDA header)."""
+def build_extension(
+    out_dir: Path, library: Path, *, binding: str = "fast_weight_binding.cpp", name: str = "lmtool_fast_weight_emulated"
+) -> ModuleType:
+    """A binding in kernels/ for CPU tensors, linked against ``library`` (also its compile check against torch's
+    headers: it includes no CUDA header)."""
     from torch.utils import cpp_extension
 
     out_dir.mkdir(parents=True, exist_ok=True)
     return cpp_extension.load(
-        name="lmtool_fast_weight_emulated",
-        sources=[str(KERNELS / "fast_weight_binding.cpp")],
+        name=name,
+        sources=[str(KERNELS / binding)],
         extra_include_paths=[str(KERNELS)],
         extra_cflags=["-O1", "-DLMTOOL_FW_HOST_EMULATION"],
         extra_ldflags=["-pthread", str(library), f"-Wl,-rpath,{library.parent}"],
@@ -67,10 +72,10 @@ def build_extension(out_dir: Path, library: Path) -> ModuleType:
     )
 
 
-def load_extension_file(path: str | Path) -> ModuleType:
+def load_extension_file(path: str | Path, name: str = "lmtool_fast_weight_emulated") -> ModuleType:
     """A built extension module from its .so file (in a child process, without rebuilding)."""
-    loader = importlib.machinery.ExtensionFileLoader("lmtool_fast_weight_emulated", str(path))
-    spec = importlib.util.spec_from_file_location("lmtool_fast_weight_emulated", path, loader=loader)
+    loader = importlib.machinery.ExtensionFileLoader(name, str(path))
+    spec = importlib.util.spec_from_file_location(name, path, loader=loader)
     module = importlib.util.module_from_spec(spec)
     loader.exec_module(module)
     return module

@@ -9,6 +9,8 @@
 #include <cstring>
 #include <functional>
 #include <tuple>
+#include <type_traits>
+#include <utility>
 
 #define __global__
 #define __device__
@@ -34,6 +36,13 @@ struct alignas(8) uint2 {
 
 using cudaStream_t = void*;
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidConfiguration = 9, cudaErrorLaunchFailure = 719 };
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+// The opt-in to more dynamic shared memory: the emulated block has lmtool_fw::smem (emu_runtime.cpp), which
+// run_grid checks every launch against.
+template <typename F>
+cudaError_t cudaFuncSetAttribute(F*, cudaFuncAttribute, int) {
+  return cudaSuccess;
+}
 enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 };
 cudaError_t cudaGetDevice(int* device);
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device);
@@ -63,15 +72,36 @@ int run_grid(dim3 grid, dim3 block, size_t shared_bytes, const std::function<voi
 const char* fault();
 }  // namespace lmtool_emu
 
+namespace lmtool_emu {
+template <typename A, typename = void>
+struct has_scale : std::false_type {};
+template <typename A>
+struct has_scale<A, std::void_t<decltype(std::declval<A&>().scale)>> : std::true_type {};
+
+// The "wrong-values" fault: the fast-weight kernels' output scale off by 1%; kernels without a scale (the recurrent
+// scans) run one token less, so that the last token's outputs are never written and the final state is one early.
+template <typename A>
+void make_wrong(A& args) {
+  if constexpr (has_scale<A>::value) {
+    args.scale *= 1.01f;
+  } else {
+    args.L -= 1;
+  }
+}
+}  // namespace lmtool_emu
+
 // The emulation's kernel launch: the same signature as the CUDA one in kernels/fast_weight_common.cuh.
 template <typename... Params, typename... Args>
 int launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared, cudaStream_t,
                   const Args&... args) {
-  std::tuple<Args...> copy(args...);  // the first argument is the kernel's ForwardArgs or BackwardArgs
+  std::tuple<Args...> copy(args...);  // the first argument is the kernel's argument struct (ForwardArgs, ...)
   const char* fault = lmtool_emu::fault();
   if (std::strcmp(fault, "launch-error") == 0) return cudaErrorInvalidConfiguration;
-  if (std::strcmp(fault, "wrong-values") == 0) std::get<0>(copy).scale *= 1.01f;
+  if (std::strcmp(fault, "wrong-values") == 0) lmtool_emu::make_wrong(std::get<0>(copy));
   if (std::strcmp(fault, "out-of-bounds") == 0) std::get<0>(copy).L += 1;
-  if (std::strcmp(fault, "misaligned-vector-loads") == 0) std::get<sizeof...(Args) - 1>(copy) = true;  // `vec`
+  using Last = std::tuple_element_t<sizeof...(Args) - 1, std::tuple<Args...>>;
+  if constexpr (std::is_same_v<Last, bool>) {  // the fast-weight kernels' `vec`
+    if (std::strcmp(fault, "misaligned-vector-loads") == 0) std::get<sizeof...(Args) - 1>(copy) = true;
+  }
   return lmtool_emu::run_grid(grid, block, shared, [&] { std::apply(kernel, copy); });
 }

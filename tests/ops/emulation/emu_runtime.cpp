@@ -14,8 +14,12 @@
 
 #include "cuda_runtime.h"
 
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#endif
+
 namespace lmtool_fw {
-constexpr size_t kSharedFloats = 16384;
+constexpr size_t kSharedFloats = 58112;  // 227 KiB, the most a block may opt in to on sm_90
 float smem[kSharedFloats];  // the kernels' `extern __shared__ float smem[]`: one block runs at a time
 }  // namespace lmtool_fw
 
@@ -101,7 +105,14 @@ int run_grid(dim3 grid, dim3 block, size_t shared_bytes, const std::function<voi
       block_barrier = std::make_unique<Barrier>(threads);
       warp_barriers.clear();
       for (int w = 0; w < threads / 32; ++w) warp_barriers.push_back(std::make_unique<Barrier>(32));
-      std::fill(lmtool_fw::smem, lmtool_fw::smem + lmtool_fw::kSharedFloats, std::nanf(""));
+      // Only the bytes the launch asked for exist: NaN until written; past them ASan (when built with it) reports
+      // any access, as the GPU would fault or read another block's memory.
+#if defined(__SANITIZE_ADDRESS__)
+      ASAN_UNPOISON_MEMORY_REGION(lmtool_fw::smem, sizeof(lmtool_fw::smem));
+      ASAN_POISON_MEMORY_REGION(reinterpret_cast<char*>(lmtool_fw::smem) + shared_bytes,
+                                sizeof(lmtool_fw::smem) - shared_bytes);
+#endif
+      std::fill(lmtool_fw::smem, lmtool_fw::smem + shared_bytes / sizeof(float), std::nanf(""));
       std::vector<std::thread> pool;
       for (int t = 0; t < threads; ++t) {
         pool.emplace_back([&, t, x, y] {
