@@ -7,9 +7,12 @@
 2. self-check and parity: every kernel (both rules, fp32 and bf16, with and without a decay g) against the float64
    recurrent form on the GPU, with NaN-poisoned kernel outputs, odd shapes (Dk, Dv = 3, 30, 100, 384, ...),
    strided inputs, no initial state, the loss on o or on S only, and two carried half-segments against one pass;
+   likewise the recurrent scans' kernels (Delta RNN, Delta LSTM, Recurrent Delta Net; built as a second
+   extension) against the float64 torch form (d_head 1 to 64, odd L, no initial state, carried halves);
 3. compute-sanitizer memcheck and racecheck on small runs where the tool is there (--skip-sanitize to leave out);
 4. timings (fwd+bwd, median of 5): "cuda" against the torch "chunk" form and, when `fla` is importable,
    flash-linear-attention's chunk_delta_rule / chunk_gated_delta_rule, at B=8, H=8, D=64, T = 512, 2048, 8192;
+   the scans' kernels against the torch step loop the layers ran before (B=16, H=8, D=32, T = 256, 1024);
 5. a 200-step `lmtool-train` (delta rule, bf16, impl=cuda) whose metrics' first row must say the kernels ran.
 
 Inputs, comparisons and FLOP counts come from lmtool.ops.checks (shared with the tests and bench_ops.py). Writes
@@ -41,16 +44,20 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import bench_ops  # noqa: E402
 
-from lmtool.ops import cuda, delta_rule, sum_rule  # noqa: E402
+from lmtool.ops import cuda, delta_rule, recurrent_cuda, sum_rule  # noqa: E402
 from lmtool.ops.checks import (  # noqa: E402
     TOLERANCE,
     grad_names,
     outputs_and_grads,
     random_problem,
+    random_scan_problem,
     relative_errors,
+    scan_grad_names,
+    scan_outputs_and_grads,
     worst_error,
 )
 from lmtool.ops.native import device_arch  # noqa: E402
+from lmtool.ops.recurrent_scan import TORCH_FORMS  # noqa: E402
 
 OPS = {"delta_rule": delta_rule, "sum_rule": sum_rule}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -63,6 +70,10 @@ PARITY_SHAPES = [
 ]  # fmt: skip
 TIMING_LENGTHS = [512, 2048, 8192]
 TIMING_SHAPE = (8, 8, 64)  # B, H, D (Dk = Dv)
+# The recurrent scans (Delta RNN, Delta LSTM, Recurrent Delta Net): (B, H, L, D, checkpoint_every, with_state)
+SCAN_PARITY_SHAPES = [(2, 2, 150, 16, 64, True), (2, 3, 97, 32, 16, False), (1, 2, 130, 64, 64, True),
+                      (3, 2, 65, 20, 8, True), (1, 1, 1, 8, 64, True)]  # fmt: skip
+SCAN_TIMING = ((16, 8, 32), [256, 1024])  # (B, H, D), lengths: the recipes' d_head is 16 to 32
 
 
 class Run:
@@ -90,17 +101,17 @@ def log(msg: str) -> None:
 # --- sections ------------------------------------------------------------------------------------------------
 
 
-def section_build(out: Path, results: dict) -> bool:
+def section_build(out: Path, results: dict, key: str = "build", extension=cuda.EXTENSION) -> bool:
     t0 = time.perf_counter()
     try:
-        ext = cuda.EXTENSION.build(verbose=True)
-        cuda.EXTENSION.use(ext)  # the ops use this module from now on (self-checks still run on first use)
-        results["build"] = {"ok": True, "seconds": time.perf_counter() - t0, "arch": device_arch()}
+        ext = extension.build(verbose=True)
+        extension.use(ext)  # the ops use this module from now on (self-checks still run on first use)
+        results[key] = {"ok": True, "seconds": time.perf_counter() - t0, "arch": device_arch()}
     except Exception as err:  # report and go on with the torch forms
-        results["build"] = {"ok": False, "seconds": time.perf_counter() - t0, "error": str(err)[-3000:]}
-        (out / "build.log").write_text(traceback.format_exc())
-    log(f"build: {results['build']}")
-    return results["build"]["ok"]
+        results[key] = {"ok": False, "seconds": time.perf_counter() - t0, "error": str(err)[-3000:]}
+        (out / f"{key}.log").write_text(traceback.format_exc())
+    log(f"{key}: {results[key]}")
+    return results[key]["ok"]
 
 
 def start_ptxas(tmp: Path) -> list:
@@ -198,6 +209,103 @@ def section_parity(guard: Guard, results: dict) -> bool:
     results["parity"] = {"ok": ok_all, "rows": rows, "self_checks": cuda.EXTENSION.verdicts()}
     log(f"parity: {sum(r['ok'] for r in rows)}/{len(rows)} cases pass")
     return ok_all
+
+
+def run_scan(op, p, **kwargs):
+    """A recurrent scan's form under test: "cuda" (strict), or in a dry run the torch form."""
+    if Run.dry:
+        kwargs.pop("checkpoint_every", None)
+        return scan_outputs_and_grads(TORCH_FORMS[op], p, **kwargs)
+    return scan_outputs_and_grads(recurrent_cuda.CUDA_FORMS[op], p, **kwargs)
+
+
+def scan_parity_row(op: str, dt: str, shape: tuple, i: int) -> dict:
+    B, H, L, D, C, with_state = shape
+    label = f"{op} {dt} B,H,L,D={B},{H},{L},{D} C={C}{'' if with_state else ' no initial state'}"
+    p = random_scan_problem(op, B, H, L, D, dtype=DTYPES[dt], device=Run.device, seed=200 + i)
+    try:
+        actual = run_scan(op, p, with_state=with_state, checkpoint_every=C)
+        expected = scan_outputs_and_grads(TORCH_FORMS[op], p.to(torch.float64), with_state=with_state)
+        errors = relative_errors(actual, expected, scan_grad_names(op, with_state=with_state))
+        error = worst_error(errors, TOLERANCE[DTYPES[dt]])
+    except Exception as err:  # a failed self-check (strict) or a launch error
+        errors, error = {}, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    return {"case": label, "ok": error is None, "error": error, "errors": errors}
+
+
+def carried_halves_row(op: str) -> dict:
+    """Two half-segments with the state carried against one pass (fp32, no_grad, impl as run)."""
+    p = random_scan_problem(op, 2, 2, 300, 32, device=Run.device, seed=8)
+    n = 1 if op == "rec_delta_scan" else 4  # inputs with a token axis; rec is shared
+    form = TORCH_FORMS[op] if Run.dry else recurrent_cuda.CUDA_FORMS[op]
+    with torch.no_grad():
+        y, full = form(*p.inputs, initial_state=p.state, output_final_state=True)
+        y1, mid = form(*(x[:, :, :123] for x in p.inputs[:n]), *p.inputs[n:], initial_state=p.state,
+                       output_final_state=True)  # fmt: skip
+        y2, end = form(*(x[:, :, 123:] for x in p.inputs[:n]), *p.inputs[n:], initial_state=mid,
+                       output_final_state=True)  # fmt: skip
+    names = ["y", *(f"final {i}" for i in range(len(full)))]
+    error = worst_error(relative_errors([torch.cat([y1, y2], 2), *end], [y, *full], names), 1e-5)
+    return {"case": f"{op} fp32 two carried halves == one pass", "ok": error is None, "error": error}
+
+
+def section_scan_parity(guard: Guard, results: dict) -> bool:
+    """The recurrent scans' kernels against the float64 torch form, NaN-poisoned, odd shapes, carried state."""
+    os.environ["LMTOOL_CUDA_POISON"] = "1"
+    rows, i = [], 0
+    for op in TORCH_FORMS:
+        for dt in DTYPES:
+            for shape in SCAN_PARITY_SHAPES[:: 4 if Run.dry else 1]:
+                i += 1
+                if not guard.fits(150):
+                    rows.append({"case": f"{op} {dt} {shape}", "ok": False, "skipped": "time budget"})
+                    continue
+                rows.append(scan_parity_row(op, dt, shape, i))
+                if rows[-1]["error"]:
+                    log(f"SCAN PARITY FAIL {rows[-1]['case']}: {rows[-1]['error']}")
+        rows.append(carried_halves_row(op))
+    os.environ["LMTOOL_CUDA_POISON"] = "0"
+    ok_all = all(r["ok"] for r in rows)
+    results["scan_parity"] = {"ok": ok_all, "rows": rows, "self_checks": recurrent_cuda.EXTENSION.verdicts()}
+    log(f"scan parity: {sum(r['ok'] for r in rows)}/{len(rows)} cases pass")
+    return ok_all
+
+
+def time_scan(form, p, repeats: int) -> float:
+    """Median milliseconds of forward+backward of ``form`` on ``p`` (after one warm-up call)."""
+    times = []
+    for _ in range(repeats + 1):
+        if Run.device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        scan_outputs_and_grads(form, p)
+        if Run.device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * sorted(times[1:])[len(times[1:]) // 2]
+
+
+def section_scan_timing(guard: Guard, results: dict) -> None:
+    """fwd+bwd of the scans: the kernels ("cuda") against the torch loop the layers ran before ("recurrent")."""
+    (B, H, D), lengths = ((1, 2, 8), [32]) if Run.dry else SCAN_TIMING
+    impls = {"recurrent": TORCH_FORMS} if Run.dry else {"cuda": recurrent_cuda.CUDA_FORMS, "recurrent": TORCH_FORMS}
+    rows = []
+    for L in lengths:
+        for op in TORCH_FORMS:
+            for dt in ["fp32"] if Run.dry else DTYPES:
+                p = random_scan_problem(op, B, H, L, D, dtype=DTYPES[dt], device=Run.device, seed=9)
+                for impl, forms in impls.items():
+                    row = {"op": op, "impl": impl, "L": L, "dtype": dt, "B,H,D": f"{B},{H},{D}"}
+                    if not guard.fits(60):
+                        rows.append({**row, "skipped": "time budget"})
+                        continue
+                    try:
+                        ms = time_scan(forms[op], p, 1 if Run.dry else 3)
+                        rows.append({**row, "ms_median": ms, "tokens_per_s": B * L / ms * 1e3})
+                    except Exception as err:  # e.g. out of memory: record, go on
+                        rows.append({**row, "error": str(err)[:200]})
+    results["scan_timing"] = rows
+    log(f"timed {sum('ms_median' in r for r in rows)} scan rows")
 
 
 SANITIZE_SNIPPET = """
@@ -356,6 +464,18 @@ def markdown(results: dict) -> str:
     for r in parity.get("rows", []):
         worst = r.get("skipped") or r.get("error") or f"{max(r.get('errors', {'-': 0}).values(), default=0):.1e}"
         lines.append(f"| {r['case']} | {'yes' if r['ok'] else '**NO**'} | {worst} |")
+    scans = results.get("scan_parity", {})
+    lines += ["", "## Recurrent scans: self-checks", ""]
+    lines += [f"- `{k}`: {v or 'passed'}" for k, v in scans.get("self_checks", {}).items()]
+    lines += ["", "## Recurrent scans: parity against float64", "", "| case | ok | worst |", "|---|---|---|"]
+    for r in scans.get("rows", []):
+        worst = r.get("skipped") or r.get("error") or f"{max(r.get('errors', {'-': 0}).values(), default=0):.1e}"
+        lines.append(f"| {r['case']} | {'yes' if r['ok'] else '**NO**'} | {worst} |")
+    lines += ["", "## Recurrent scans: timings (fwd+bwd, median of 3)", "", "| op | impl | T | dtype | B,H,D | ms |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
+    for r in results.get("scan_timing", []):
+        value = f"{r['ms_median']:.2f}" if "ms_median" in r else r.get("skipped") or r.get("error")
+        lines.append(f"| {r['op']} | {r['impl']} | {r['L']} | {r['dtype']} | {r['B,H,D']} | {value} |")
     lines += ["", "## compute-sanitizer", "", f"`{json.dumps(results.get('sanitize', 'not run'))[:2000]}`", ""]
     lines += ["## Timings (fwd+bwd, median of 5)", "", "| op | impl | T | dtype | ms | Mtok/s | useful TFLOP/s | MB |",
               "|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -407,12 +527,16 @@ def main(argv=None) -> int:
 
     procs = start_ptxas(tmp) if gpu else []
     built = section_build(args.out, results) if gpu else True
+    scans_built = section_build(args.out, results, "scan_build", recurrent_cuda.EXTENSION) if gpu else True
     save()
     parity_ok = section_parity(guard, results) if built else False
+    save()
+    scans_ok = section_scan_parity(guard, results) if scans_built else False
     save()
     sanitized = section_sanitize(guard, results) if built and gpu and not args.skip_sanitize else True
     save()
     section_timing(guard, results)
+    section_scan_timing(guard, results)
     save()
     if not args.skip_train:
         section_train(guard, results, args.out, args.train_steps)
@@ -420,7 +544,8 @@ def main(argv=None) -> int:
     save()
     faulthandler.cancel_dump_traceback_later()
     print(markdown(results))
-    return 0 if built and parity_ok and sanitized and results.get("train", {}).get("ok", True) else 1
+    checks = [built, parity_ok, scans_built, scans_ok, sanitized, results.get("train", {}).get("ok", True)]
+    return 0 if all(checks) else 1
 
 
 if __name__ == "__main__":
