@@ -1,17 +1,19 @@
 """Benchmark one LM training step (forward, backward, clipping, Adam) of the default run's models on this machine.
 
-    python scripts/bench_train.py          # the default model and the Transformer, fp32 and bf16, 1 and 2 threads
+    python scripts/bench_train.py          # the three models below, fp32 and bf16, 1 and 2 threads
     python scripts/bench_train.py --models fwm --precisions fp32 --threads 2 --steps 10 --json
 
-Each configuration is the model of `lmtool-train` with its overrides (default: the Delta Network of the default
-run, and the softmax Transformer of the same size), trained on random tokens of PTB's vocabulary size (10,000)
-with the default batch (32 x 64 tokens); no corpus is read. Configurations are interleaved across repeats so that
-a change of machine load hits all of them alike, and each row reports the median step time, tokens/s and the
-*useful* model FLOP rate as a fraction of a 2048 x 2048 fp32 `torch.mm` timed in the same process with the same
-thread count. Useful FLOPs per token: 6 x (weights of every linear map, the output layer included) for forward
-and backward, plus the token mixer's own work: 18 Dk Dv per head for the delta rule (12 for the sum rule), and
-for softmax attention 3 x 2 x 2 x (L + 1) / 2 x d_head per head (QK^T and PV over the causal half, forward and
-backward).
+Each configuration is the model of `lmtool-train` with its overrides: `default` (the default run's model, the
+gated delta rule in Gated DeltaNet's layer), `fwm` (the paper's Delta Network, `model=fwm`; the default model
+until commit 0f0c49f, so `--models fwm` compares like with like against older checkouts) and `transformer` (the
+softmax Transformer of the same size), each trained on random tokens of PTB's vocabulary size (10,000) with the
+default batch (32 x 64 tokens), each step a fresh segment (no carried state); no corpus is read. Configurations
+are interleaved across repeats so that a change of machine load hits all of them alike, and each row reports the
+median step time, tokens/s and the *useful* model FLOP rate as a fraction of a 2048 x 2048 fp32 `torch.mm`
+timed in the same process with the same thread count. Useful FLOPs per token: 6 x (weights of every linear map,
+the output layer included) for forward and backward, plus the token mixer's own work: 18 Dk Dv per head for the
+delta rule (12 for the sum rule), and for softmax attention 3 x 2 x 2 x (L + 1) / 2 x d_head per head (QK^T and PV
+over the causal half, forward and backward).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from lmtool.train.memory import keep_freed_memory  # noqa: E402
 from lmtool.train.optim import build_optimizer  # noqa: E402
 
 VOCAB = 10_000  # PTB's vocabulary (with <eos>)
-MODELS = {"fwm": [], "transformer": ["model=transformer"]}
+MODELS = {"default": [], "fwm": ["model=fwm"], "transformer": ["model=transformer"]}
 
 
 def useful_flops_per_token(model: torch.nn.Module, cfg) -> float:
@@ -109,7 +111,7 @@ def profile(cases: list[Case], steps: int) -> None:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default="fwm,transformer", help=f"comma-separated, from {', '.join(MODELS)}")
+    p.add_argument("--models", default="default,fwm,transformer", help=f"comma-separated, from {', '.join(MODELS)}")
     p.add_argument("--precisions", default="fp32,bf16", help="comma-separated fp32, bf16")
     p.add_argument("--threads", default="1,2", help="comma-separated thread counts")
     p.add_argument("--steps", type=int, default=7, help="timed steps per configuration (after one warm-up)")

@@ -14,7 +14,7 @@ sweep_dir=${1:-runs/ptb_benchmark}
 part=${2:-all}
 shift $(( $# > 2 ? 2 : $# ))
 MODELS_2021=${MODELS_2021:-ptb_transformer,ptb_transformer_xl,ptb_linear_transformer,ptb_performer,ptb_delta_network,ptb_delta_favor,ptb_delta_dpfp}
-MODELS_LATER=${MODELS_LATER:-ptb_deltanet,ptb_gated_deltanet,ptb_delta_product,ptb_delta_mlp,ptb_delta_delta,ptb_delta_rnn,ptb_delta_lstm,ptb_rec_delta,ptb_srwm,ptb_lstm}
+MODELS_LATER=${MODELS_LATER:-ptb_default,ptb_deltanet,ptb_gated_deltanet,ptb_delta_product,ptb_delta_mlp,ptb_delta_delta,ptb_delta_rnn,ptb_delta_lstm,ptb_rec_delta,ptb_srwm,ptb_lstm}
 SEEDS_2021=${SEEDS_2021:-1111,1112}
 
 if [[ $part == all || $part == 2021 ]]; then

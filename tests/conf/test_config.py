@@ -17,17 +17,25 @@ from tests.helpers import compose_config
 
 CONF = Path(lmtool.__file__).resolve().parent.parent / "conf"
 RETRIEVAL_GROUPS = {"setting"}  # groups of lmtool-retrieval's config (tests/train/test_retrieval_sweep.py)
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
 GROUPS = sorted(
     p.name for p in CONF.iterdir() if p.is_dir() and not p.name.startswith("_") and p.name not in RETRIEVAL_GROUPS
 )
 
 
-# options that need another value to make sense (identity features can be negative: no sum-normalisation)
-COMPANIONS = {("feature_map", name): ("update_rule.qk_norm=l2",) for name in ("identity", "silu")}
-
-
-def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+# options that need another value to make sense (identity features can be negative: no sum-normalisation);
+# update rules and feature maps are tried on the plain fast weight layer with the paper's defaults (`model=fwm`),
+# since the default model chooses its own pair (conf/model/gated_deltanet.yaml)
+COMPANIONS = {
+    **{("feature_map", name): ("model=fwm",) for name in options("feature_map")},
+    **{("update_rule", name): ("model=fwm",) for name in options("update_rule")},
+    **{("feature_map", name): ("model=fwm", "update_rule.qk_norm=l2") for name in ("identity", "silu")},
+}
 
 
 def test_groups_are_the_documented_ones():
@@ -58,10 +66,20 @@ def test_every_option_composes_and_builds(group, option):
     assert nll.shape == (2, 7) and torch.isfinite(nll).all()
 
 
-def test_default_model_is_delta_elu_fast_weights():
-    """Without overrides lmtool-train trains the delta rule with the ELU+1 feature map."""
+def test_default_model_is_gated_deltanet_with_carried_fast_weights():
+    """Without overrides lmtool-train trains the gated delta rule in Gated DeltaNet's layer, fast weights carried
+    and no positions; `model=fwm` is the paper's Delta Network (delta rule, ELU+1, positions, nothing carried);
+    a command-line update rule or feature map wins over the model option's choice."""
     cfg = compose_config()
-    assert (cfg.model.name, cfg.update_rule.name, cfg.feature_map.name) == ("fwm", "delta", "elu")
+    m, rule = cfg.model, cfg.update_rule
+    assert (m.name, rule.name, rule.decay, rule.qk_norm) == ("fwm", "delta", True, "l2")
+    assert cfg.feature_map.name == "identity"
+    assert (m.short_conv, m.head_norm, m.output_gate, m.carry_over, m.pos_emb) == (4, True, True, True, False)
+    paper = compose_config("model=fwm")
+    assert (paper.update_rule.name, paper.update_rule.decay, paper.feature_map.name) == ("delta", False, "elu")
+    assert (paper.model.short_conv, paper.model.carry_over, paper.model.pos_emb) == (0, False, True)
+    assert compose_config("update_rule=gated_sum").update_rule.name == "sum"
+    validate(cfg)
 
 
 def test_wrong_type_fails_at_compose_time():
@@ -84,12 +102,13 @@ def test_unknown_option_fails_at_compose_time():
 
 @pytest.mark.parametrize(
     "override",
-    ["feature_map=identity", "optimizer.name=lamb", "trainer.precision=fp8", "update_rule.qk_norm=max",
-     "trainer.batch_chunk=3"],
+    ["model=fwm feature_map=identity", "update_rule=delta", "optimizer.name=lamb", "trainer.precision=fp8",
+     "update_rule.qk_norm=max", "trainer.batch_chunk=3"],
 )
 def test_bad_choice_is_a_config_error(override):
-    """Values outside a key's allowed set (or an indivisible batch_chunk) raise a one-line ConfigError."""
-    cfg = compose_config(override)
+    """Values outside a key's allowed set (or an indivisible batch_chunk, or identity features with the delta
+    rule's sum-normalised keys: the default model with `update_rule=delta`) raise a one-line ConfigError."""
+    cfg = compose_config(*override.split())
     with pytest.raises(ConfigError) as err:
         validate(cfg)
     assert "\n" not in str(err.value)

@@ -15,7 +15,8 @@ def test_bench_train_reports_every_configuration(capsys):
     bench.main(["--override", "debug=smoke", "--threads", "1", "--steps", "1", "--json"])
     rows = json.loads(capsys.readouterr().out)["rows"]
     assert [(r["model"], r["precision"]) for r in rows] == [
-        ("fwm", "fp32"), ("fwm", "bf16"), ("transformer", "fp32"), ("transformer", "bf16"),
+        ("default", "fp32"), ("default", "bf16"), ("fwm", "fp32"), ("fwm", "bf16"), ("transformer", "fp32"),
+        ("transformer", "bf16"),
     ]  # fmt: skip
     assert all(r["ms_median"] > 0 and 0 < r["pct_of_mm_peak"] for r in rows)
 
