@@ -61,16 +61,23 @@ def make_case():
     return OpCase
 
 
+def build_emulated(tmp_path_factory, name: str, library, extension):
+    """``extension(dir, library(dir, sanitize=False))`` in a fresh temporary directory; skipped without g++ or ninja."""
+    from tests.ops import cuda_emulation
+
+    if not cuda_emulation.have_toolchain():
+        pytest.skip("g++ or ninja not installed")
+    build = tmp_path_factory.mktemp(name)
+    return extension(build / "ext", library(build / "lib", sanitize=False))
+
+
 @pytest.fixture(scope="session")
 def emulated_extension(tmp_path_factory):
     """The real binding and launchers on the CPU emulation (tests/ops/cuda_emulation.py), built once per session."""
     from tests.ops import cuda_emulation
 
-    if not cuda_emulation.have_toolchain():
-        pytest.skip("g++ or ninja not installed")
-    build = tmp_path_factory.mktemp("cuda-emulation")
-    library = cuda_emulation.build_library(build / "lib", sanitize=False)
-    return cuda_emulation.build_extension(build / "ext", library)
+    return build_emulated(tmp_path_factory, "cuda-emulation", cuda_emulation.build_library,
+                          cuda_emulation.build_extension)  # fmt: skip
 
 
 @pytest.fixture
@@ -86,13 +93,10 @@ def kernels_on_emulation(emulated_extension):
 @pytest.fixture(scope="session")
 def recurrent_emulated_extension(tmp_path_factory):
     """The recurrent scans' real binding and launchers on the CPU emulation (tests/ops/recurrent_emulation.py)."""
-    from tests.ops import cuda_emulation, recurrent_emulation
+    from tests.ops import recurrent_emulation
 
-    if not cuda_emulation.have_toolchain():
-        pytest.skip("g++ or ninja not installed")
-    build = tmp_path_factory.mktemp("recurrent-emulation")
-    library = recurrent_emulation.build(build / "lib", sanitize=False)
-    return recurrent_emulation.build_extension(build / "ext", library)
+    return build_emulated(tmp_path_factory, "recurrent-emulation", recurrent_emulation.build,
+                          recurrent_emulation.build_extension)  # fmt: skip
 
 
 @pytest.fixture

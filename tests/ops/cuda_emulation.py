@@ -93,6 +93,13 @@ def sanitizer_env(sanitized_library: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+def run_sanitized_child(module: str, extension: ModuleType, library: Path, **env: str) -> subprocess.CompletedProcess:
+    """``python -m module EXTENSION_FILE`` in a child whose binding runs on the sanitized ``library``."""
+    cmd = [sys.executable, "-m", module, extension.__file__]
+    return subprocess.run(cmd, env=sanitizer_env(library, **env), capture_output=True, text=True, cwd=ROOT,
+                          timeout=600)  # fmt: skip
+
+
 def have_toolchain() -> bool:
     return shutil.which("g++") is not None and shutil.which("ninja") is not None
 

@@ -10,9 +10,6 @@ access fails with ASan's report and an injected misaligned vector load with UBSa
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -293,9 +290,7 @@ def sanitized_library(tmp_path_factory):
 
 
 def run_sanitized_child(emulated_extension, sanitized_library, **env):
-    cmd = [sys.executable, "-m", "tests.ops.cuda_emulation", emulated_extension.__file__]
-    return subprocess.run(cmd, env=cuda_emulation.sanitizer_env(sanitized_library, **env), capture_output=True,
-                          text=True, cwd=cuda_emulation.ROOT, timeout=600)  # fmt: skip
+    return cuda_emulation.run_sanitized_child("tests.ops.cuda_emulation", emulated_extension, sanitized_library, **env)
 
 
 @pytest.mark.slow

@@ -9,8 +9,6 @@ child process runs a set of cases on a build with AddressSanitizer and UBSan.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -195,17 +193,13 @@ def test_host_api_header_has_no_torch_or_cuda():
 # --- AddressSanitizer and UBSan ------------------------------------------------------------------------------
 
 
+CHILD = "tests.ops.recurrent_emulation"  # the module the sanitized child runs
+
+
 @pytest.fixture(scope="module")
-def sanitized_recurrent_library(tmp_path_factory):
-    if not cuda_emulation.have_toolchain():
-        pytest.skip("g++ or ninja not installed")
+def sanitized_recurrent_library(recurrent_emulated_extension, tmp_path_factory):
+    """The scans' library built with -fsanitize=address,undefined (the toolchain is there: the extension built)."""
     return recurrent_emulation.build(tmp_path_factory.mktemp("recurrent-emulation-asan"), sanitize=True)
-
-
-def run_sanitized_child(extension, library, **env):
-    cmd = [sys.executable, "-m", "tests.ops.recurrent_emulation", extension.__file__]
-    return subprocess.run(cmd, env=cuda_emulation.sanitizer_env(library, **env), capture_output=True, text=True,
-                          cwd=cuda_emulation.ROOT, timeout=600)  # fmt: skip
 
 
 @pytest.mark.slow
@@ -213,7 +207,7 @@ def test_scans_run_clean_under_address_and_undefined_behaviour_sanitizers(recurr
                                                                            sanitized_recurrent_library):  # fmt: skip
     """The real launchers and kernels built with ASan and UBSan (shared memory past what the launch asked for is
     poisoned) run every op, both dtypes, D = 64 and no initial state without a report, and match the reference."""
-    result = run_sanitized_child(recurrent_emulated_extension, sanitized_recurrent_library)
+    result = cuda_emulation.run_sanitized_child(CHILD, recurrent_emulated_extension, sanitized_recurrent_library)
     report = result.stdout + result.stderr[-6000:]
     assert result.returncode == 0, report
     assert "AddressSanitizer" not in result.stderr and "runtime error" not in result.stderr, report
@@ -225,8 +219,8 @@ def test_an_out_of_bounds_access_in_a_scan_fails_with_a_sanitizer_report(recurre
                                                                           sanitized_recurrent_library):  # fmt: skip
     """A launch that runs one token past the buffers ends the child with ASan's heap-buffer-overflow report in a scan
     kernel, not with a segfault or wrong numbers."""
-    result = run_sanitized_child(recurrent_emulated_extension, sanitized_recurrent_library,
-                                 LMTOOL_EMU_FAULT="out-of-bounds")  # fmt: skip
+    result = cuda_emulation.run_sanitized_child(CHILD, recurrent_emulated_extension, sanitized_recurrent_library,
+                                                LMTOOL_EMU_FAULT="out-of-bounds")  # fmt: skip
     assert result.returncode == 23, result.stderr[-3000:]
     assert "ERROR: AddressSanitizer: heap-buffer-overflow" in result.stderr
     assert "delta_rnn_forward_kernel" in result.stderr
