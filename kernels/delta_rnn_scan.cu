@@ -32,7 +32,7 @@ __global__ void __launch_bounds__(kRecMaxThreads) delta_rnn_forward_kernel(Delta
   const T* z = static_cast<const T*>(a.z);
   const T* k = static_cast<const T*>(a.k);
   const T* v = static_cast<const T*>(a.v);
-  for (int g = 0; g < GATES; ++g) load_matrices(R + g * D * ld, a.R0 + blk.seq(g, H) * D * D, 1, D, ld);
+  for (int g = 0; g < GATES; ++g) load_matrices(R + g * D * ld, a.R0 + blk.seq(g, H) * D * D, 1, D, D, ld);
   load_vector(y, a.y0 + blk.bh * D, D);
   if constexpr (GATES == 3) load_vector(cell, a.c0 + blk.bh * D, D);
   __syncthreads();
@@ -76,7 +76,7 @@ __global__ void __launch_bounds__(kRecMaxThreads) delta_rnn_forward_kernel(Delta
       __syncthreads();
     }
   }
-  for (int g = 0; g < GATES; ++g) store_matrices(a.R + blk.seq(g, H) * D * D, R + g * D * ld, 1, D, ld);
+  for (int g = 0; g < GATES; ++g) store_matrices(a.R + blk.seq(g, H) * D * D, R + g * D * ld, 1, D, D, ld);
   for (int j = threadIdx.x; j < D; j += blockDim.x) {
     a.y_last[blk.bh * D + j] = y[j];
     if constexpr (GATES == 3) a.c_last[blk.bh * D + j] = cell[j];
@@ -128,8 +128,8 @@ __global__ void __launch_bounds__(kRecMaxThreads) delta_rnn_backward_kernel(Delt
   float* gc = gy + D;            // dLoss/dc_t likewise (LSTM)
   const T* k = static_cast<const T*>(a.k);
   for (int g = 0; g < GATES; ++g) {
-    load_matrices(R + g * D * ld, a.R + blk.seq(g, H) * D * D, 1, D, ld);
-    load_matrices(Gm + g * D * ld, a.dR != nullptr ? a.dR + blk.seq(g, H) * D * D : nullptr, 1, D, ld);
+    load_matrices(R + g * D * ld, a.R + blk.seq(g, H) * D * D, 1, D, D, ld);
+    load_matrices(Gm + g * D * ld, a.dR != nullptr ? a.dR + blk.seq(g, H) * D * D : nullptr, 1, D, D, ld);
   }
   load_vector(gy, a.dy_last != nullptr ? a.dy_last + blk.bh * D : nullptr, D);
   if constexpr (GATES == 3) load_vector(gc, a.dc_last != nullptr ? a.dc_last + blk.bh * D : nullptr, D);
@@ -137,8 +137,7 @@ __global__ void __launch_bounds__(kRecMaxThreads) delta_rnn_backward_kernel(Delt
 
   for (int t = L - 1; t >= 0; --t) {
     if (is_checkpoint(t, L, C)) {  // R_t as the forward had it: the rebuilding below runs over < C tokens
-      load_matrices(R, a.ckpt + (static_cast<int64_t>(blk.bh) * n_ckpt + (t + 1) / C - 1) * GATES * D * D, GATES, D,
-                    ld);
+      load_matrices(R, a.ckpt + (static_cast<int64_t>(blk.bh) * n_ckpt + (t + 1) / C - 1) * GATES * D * D, GATES, D, D, ld);
     }
     const float* y_prev = t > 0 ? a.y + (static_cast<int64_t>(blk.bh) * L + t - 1) * D : a.y0 + blk.bh * D;
     for (int i = threadIdx.x; i < D; i += blockDim.x) p[i] = softmax_at(y_prev, D, i);
@@ -188,7 +187,7 @@ __global__ void __launch_bounds__(kRecMaxThreads) delta_rnn_backward_kernel(Delt
     for (int i = threadIdx.x; i < D; i += blockDim.x) gy[i] = p[i] * (dp[i] - p_dp);  // through the softmax
     __syncthreads();
   }
-  for (int g = 0; g < GATES; ++g) store_matrices(a.dR0 + blk.seq(g, H) * D * D, Gm + g * D * ld, 1, D, ld);
+  for (int g = 0; g < GATES; ++g) store_matrices(a.dR0 + blk.seq(g, H) * D * D, Gm + g * D * ld, 1, D, D, ld);
   for (int j = threadIdx.x; j < D; j += blockDim.x) {
     a.dy0[blk.bh * D + j] = gy[j];
     if constexpr (GATES == 3) a.dc0[blk.bh * D + j] = gc[j];

@@ -17,7 +17,7 @@ __global__ void __launch_bounds__(kRecMaxThreads) rec_delta_forward_kernel(RecDe
   float* act = k + D;        // [P] a_t
   const T* proj = static_cast<const T*>(a.proj);
   const float* rec = a.rec + static_cast<int64_t>(h) * D * P;
-  load_matrices(W, a.W0 + static_cast<int64_t>(bh) * D * D, 1, D, ld);
+  load_matrices(W, a.W0 + static_cast<int64_t>(bh) * D * D, 1, D, D, ld);
   load_vector(y, a.y0 + bh * D, D);
   __syncthreads();
 
@@ -52,7 +52,7 @@ __global__ void __launch_bounds__(kRecMaxThreads) rec_delta_forward_kernel(RecDe
     }
     __syncthreads();
   }
-  store_matrices(a.W + static_cast<int64_t>(bh) * D * D, W, 1, D, ld);
+  store_matrices(a.W + static_cast<int64_t>(bh) * D * D, W, 1, D, D, ld);
   for (int j = threadIdx.x; j < D; j += blockDim.x) a.y_last[bh * D + j] = y[j];
 }
 
@@ -78,8 +78,8 @@ __global__ void __launch_bounds__(kRecMaxThreads) rec_delta_backward_kernel(RecD
   float* gy = hid + D;         // dLoss/dy_t from later tokens, then dLoss/dy_{t-1}
   float* da = gy + D;          // [P] dLoss/da_t
   const float* rec = a.rec + static_cast<int64_t>(h) * D * P;
-  load_matrices(W, a.W + static_cast<int64_t>(bh) * D * D, 1, D, ld);
-  load_matrices(Gm, a.dW != nullptr ? a.dW + static_cast<int64_t>(bh) * D * D : nullptr, 1, D, ld);
+  load_matrices(W, a.W + static_cast<int64_t>(bh) * D * D, 1, D, D, ld);
+  load_matrices(Gm, a.dW != nullptr ? a.dW + static_cast<int64_t>(bh) * D * D : nullptr, 1, D, D, ld);
   load_vector(gy, a.dy_last != nullptr ? a.dy_last + bh * D : nullptr, D);
   for (int e = threadIdx.x; e < D * (P + 1); e += blockDim.x) drec[e] = 0.0f;
   __syncthreads();
@@ -88,7 +88,7 @@ __global__ void __launch_bounds__(kRecMaxThreads) rec_delta_backward_kernel(RecD
     const int64_t tok = static_cast<int64_t>(bh) * L + t;
     const float* act = a.pre + tok * P;
     const float beta = sigmoidf(act[3 * D]);
-    if (is_checkpoint(t, L, C)) load_matrices(W, a.ckpt + (static_cast<int64_t>(bh) * n_ckpt + (t + 1) / C - 1) * D * D, 1, D, ld);
+    if (is_checkpoint(t, L, C)) load_matrices(W, a.ckpt + (static_cast<int64_t>(bh) * n_ckpt + (t + 1) / C - 1) * D * D, 1, D, D, ld);
     const float* y_prev = t > 0 ? a.y + (tok - 1) * D : a.y0 + bh * D;
     for (int i = threadIdx.x; i < D; i += blockDim.x) {
       q[i] = softmax_at(act, D, i);
@@ -130,7 +130,7 @@ __global__ void __launch_bounds__(kRecMaxThreads) rec_delta_backward_kernel(RecD
     }
     __syncthreads();
   }
-  store_matrices(a.dW0 + static_cast<int64_t>(bh) * D * D, Gm, 1, D, ld);
+  store_matrices(a.dW0 + static_cast<int64_t>(bh) * D * D, Gm, 1, D, D, ld);
   for (int e = threadIdx.x; e < D * P; e += blockDim.x) a.drec[static_cast<int64_t>(bh) * D * P + e] = drec[(e / P) * (P + 1) + e % P];
   for (int j = threadIdx.x; j < D; j += blockDim.x) a.dy0[bh * D + j] = gy[j];
 }

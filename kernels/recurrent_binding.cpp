@@ -1,4 +1,4 @@
-// Torch glue for the recurrent scans (delta_rnn_scan.cu, rec_delta_scan.cu): checks, contiguous float32 copies
+// Torch glue for the recurrent scans (delta_rnn_scan.cu, rec_delta_scan.cu, srwm_scan.cu): checks, contiguous float32 copies
 // where needed, allocation of outputs and saved tensors, and the launch. Includes no CUDA header (the stream comes
 // as an integer), so it also builds against a CPU-only torch for the tests' emulation.
 #include <torch/extension.h>
@@ -196,10 +196,61 @@ std::vector<at::Tensor> rec_backward(const at::Tensor& rec_in, const at::Tensor&
   return {dproj, drec.sum(0), dW0, dy0};
 }
 
+// Self-referential weight matrix. Returns [y, W, pre, vd, ckpt]; pre, vd and ckpt are empty unless `save`.
+std::vector<at::Tensor> srwm_forward(const at::Tensor& x_in, const at::Tensor& W0_in, int64_t ckpt_every, bool save,
+                                     bool debug_poison, int64_t stream) {
+  TORCH_CHECK(x_in.dim() == 4 && ckpt_every >= 1, "lmtool recurrent kernels: x must be [B, H, L, D]");
+  const int64_t B = x_in.size(0), H = x_in.size(1), L = x_in.size(2), D = x_in.size(3), P = 3 * D + 4;
+  check_sizes(B, H, L, D);
+  check_cuda(x_in, "x", x_in);
+  const at::Tensor x = x_in.contiguous(), W0 = f32(W0_in, "W0", x, {B, H, D, P});
+  const auto opt = x.options().dtype(at::kFloat);
+  const int64_t n_ckpt = lmtool_fw::num_checkpoints(static_cast<int>(L), static_cast<int>(ckpt_every));
+  at::Tensor y = at::empty({B, H, L, D}, opt), W = at::empty({B, H, D, P}, opt);
+  at::Tensor pre = at::empty({save ? B : 0, H, L, P}, opt), vd = at::empty({save ? B : 0, H, L, P}, opt);
+  at::Tensor ckpt = at::empty({save ? B * H * n_ckpt * D * P : 0}, opt);
+  poison({y, W, pre, vd, ckpt}, debug_poison);
+
+  lmtool_fw::SRWMArgs a;
+  a.dtype = dtype_code(x);
+  a.B = static_cast<int>(B), a.H = static_cast<int>(H), a.L = static_cast<int>(L), a.D = static_cast<int>(D);
+  a.ckpt_every = static_cast<int>(ckpt_every);
+  a.x = x.data_ptr(), a.W0 = W0.data_ptr<float>(), a.y = y.data_ptr<float>(), a.W = W.data_ptr<float>();
+  a.pre = save ? pre.data_ptr<float>() : nullptr;
+  a.vd = save ? vd.data_ptr<float>() : nullptr;
+  a.ckpt = save && n_ckpt > 0 ? ckpt.data_ptr<float>() : nullptr;
+  check_status(lmtool_fw::srwm_forward(a, reinterpret_cast<void*>(stream)));
+  return {y, W, pre, vd, ckpt};
+}
+
+// Returns [dx, dW0] (float32).
+std::vector<at::Tensor> srwm_backward(const at::Tensor& x_in, const at::Tensor& pre, const at::Tensor& vd,
+                                      const at::Tensor& W, const at::Tensor& ckpt, const at::Tensor& dy_in,
+                                      const Opt& dW_in, int64_t ckpt_every, bool debug_poison, int64_t stream) {
+  const int64_t B = x_in.size(0), H = x_in.size(1), L = x_in.size(2), D = x_in.size(3), P = 3 * D + 4;
+  check_sizes(B, H, L, D);
+  check_cuda(x_in, "x", x_in);
+  const at::Tensor x = x_in.contiguous(), dy = f32(dy_in, "dy", x, {B, H, L, D});
+  const at::Tensor dW = given(dW_in) ? f32(*dW_in, "dW", x, {B, H, D, P}) : at::Tensor();
+  const auto opt = x.options().dtype(at::kFloat);
+  at::Tensor dx = at::empty({B, H, L, D}, opt), dW0 = at::empty({B, H, D, P}, opt);
+  poison({dx, dW0}, debug_poison);
+
+  lmtool_fw::SRWMArgs a;
+  a.dtype = dtype_code(x);
+  a.B = static_cast<int>(B), a.H = static_cast<int>(H), a.L = static_cast<int>(L), a.D = static_cast<int>(D);
+  a.ckpt_every = static_cast<int>(ckpt_every);
+  a.x = x.data_ptr(), a.pre = pre.data_ptr<float>(), a.vd = vd.data_ptr<float>(), a.W = W.data_ptr<float>();
+  a.ckpt = const_cast<float*>(ptr_or_null(ckpt));
+  a.dy = dy.data_ptr<float>(), a.dW = ptr_or_null(dW), a.dx = dx.data_ptr<float>(), a.dW0 = dW0.data_ptr<float>();
+  check_status(lmtool_fw::srwm_backward(a, reinterpret_cast<void*>(stream)));
+  return {dx, dW0};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "lmtool CUDA kernels of the recurrent fast weight programmers (Delta RNN, Delta LSTM, Recurrent Delta Net)";
+  m.doc() = "lmtool CUDA kernels of the recurrent fast weight programmers (Delta RNN and LSTM, Recurrent Delta Net, SRWM)";
   m.def("rnn_forward", &rnn_forward, "Delta RNN / LSTM scan", py::arg("z"), py::arg("k"), py::arg("v"),
         py::arg("beta"), py::arg("R0"), py::arg("y0"), py::arg("c0"), py::arg("ckpt_every"), py::arg("save"),
         py::arg("poison"), py::arg("stream"));
@@ -212,5 +263,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rec_backward", &rec_backward, "Recurrent Delta Net reverse scan", py::arg("rec"), py::arg("pre"),
         py::arg("resid"), py::arg("y"), py::arg("y0"), py::arg("W"), py::arg("ckpt"), py::arg("dy"), py::arg("dW"),
         py::arg("dy_last"), py::arg("ckpt_every"), py::arg("poison"), py::arg("stream"));
+  m.def("srwm_forward", &srwm_forward, "self-referential weight matrix scan", py::arg("x"), py::arg("W0"),
+        py::arg("ckpt_every"), py::arg("save"), py::arg("poison"), py::arg("stream"));
+  m.def("srwm_backward", &srwm_backward, "self-referential weight matrix reverse scan", py::arg("x"), py::arg("pre"),
+        py::arg("vd"), py::arg("W"), py::arg("ckpt"), py::arg("dy"), py::arg("dW"), py::arg("ckpt_every"),
+        py::arg("poison"), py::arg("stream"));
   m.attr("max_d") = lmtool_fw::kRecMaxD;
 }

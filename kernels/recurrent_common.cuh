@@ -69,18 +69,18 @@ __device__ __forceinline__ void col_axpy(float* M, int ld, int j, const float* x
   for (int i = 0; i < D; ++i) M[i * ld + j] = fmaf(x[i], a, M[i * ld + j]);
 }
 
-// Copies `count` D x D matrices between global memory (dense) and shared memory (rows of ld floats); a null
+// Copies `count` rows x cols matrices between global memory (dense) and shared memory (rows of ld floats); a null
 // source gives zeros. The whole block takes part.
-__device__ __forceinline__ void load_matrices(float* dst, const float* src, int count, int D, int ld) {
-  for (int e = threadIdx.x; e < count * D * D; e += blockDim.x) {
-    const int m = e / (D * D), i = (e / D) % D, j = e % D;
-    dst[(m * D + i) * ld + j] = src != nullptr ? src[e] : 0.0f;
+__device__ __forceinline__ void load_matrices(float* dst, const float* src, int count, int rows, int cols, int ld) {
+  for (int e = threadIdx.x; e < count * rows * cols; e += blockDim.x) {
+    const int m = e / (rows * cols), i = (e / cols) % rows, j = e % cols;
+    dst[(m * rows + i) * ld + j] = src != nullptr ? src[e] : 0.0f;
   }
 }
-__device__ __forceinline__ void store_matrices(float* dst, const float* src, int count, int D, int ld) {
-  for (int e = threadIdx.x; e < count * D * D; e += blockDim.x) {
-    const int m = e / (D * D), i = (e / D) % D, j = e % D;
-    dst[e] = src[(m * D + i) * ld + j];
+__device__ __forceinline__ void store_matrices(float* dst, const float* src, int count, int rows, int cols, int ld) {
+  for (int e = threadIdx.x; e < count * rows * cols; e += blockDim.x) {
+    const int m = e / (rows * cols), i = (e / cols) % rows, j = e % cols;
+    dst[e] = src[(m * rows + i) * ld + j];
   }
 }
 

@@ -82,12 +82,35 @@ struct RecDeltaArgs {
   float* dy0 = nullptr;          // [B, H, D]
 };
 
+// Self-referential weight matrix (SRWM), P = 3 D + 4: one matrix W [D, P] per head reads and rewrites itself.
+//   r_t = W_{t-1}^T x_t = [y_t, r_q, r_k, r_b];  q, k = softmax(r_q), softmax(r_k);  rate_j = sigmoid(r_b[block(j)])
+//   (block(j) = 0, 1, 2 for the D columns of y, q, k and 3 for the 4 columns of b)
+//   vd_t = W_{t-1}^T (q - k);  W_t = W_{t-1} + k (rate * vd_t)^T;  the output is y_t
+struct SRWMArgs {
+  int dtype = 0;  // of x
+  int B = 0, H = 0, L = 0, D = 0;
+  int ckpt_every = 64;
+  const void* x = nullptr;       // [B, H, L, D] dtype
+  const float* W0 = nullptr;     // [B, H, D, P] (forward)
+  float* y = nullptr;            // [B, H, L, D]
+  float* W = nullptr;            // [B, H, D, P] final
+  float* pre = nullptr;          // [B, H, L, P] r_t; nullable in the forward
+  float* vd = nullptr;           // [B, H, L, P] vd_t; nullable in the forward
+  float* ckpt = nullptr;         // [B, H, N, D, P]; nullable in the forward
+  const float* dy = nullptr;     // [B, H, L, D]
+  const float* dW = nullptr;     // nullable
+  float* dx = nullptr;           // [B, H, L, D]
+  float* dW0 = nullptr;          // [B, H, D, P]
+};
+
 // Launch on `stream` (a cudaStream_t). 0 (cudaSuccess), a CUDA error code, or -1 for arguments the caller should
 // have refused (D outside 1..kRecMaxD, a missing buffer, a bad dtype); recurrent_error_string() explains it.
 int delta_rnn_forward(const DeltaRNNArgs& args, void* stream);
 int delta_rnn_backward(const DeltaRNNArgs& args, void* stream);
 int rec_delta_forward(const RecDeltaArgs& args, void* stream);
 int rec_delta_backward(const RecDeltaArgs& args, void* stream);
+int srwm_forward(const SRWMArgs& args, void* stream);
+int srwm_backward(const SRWMArgs& args, void* stream);
 const char* recurrent_error_string(int code);
 
 }  // namespace lmtool_fw

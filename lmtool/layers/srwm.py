@@ -17,7 +17,8 @@ from torch import nn
 
 from lmtool.layers.mixer import ModelConfig, TokenMixer
 from lmtool.layers.recurrent_fwp import FastWeightProgrammer, State, check_recurrent_fwp, read
-from lmtool.ops.recurrent_scan import steps
+from lmtool.ops import srwm_scan
+from lmtool.ops.recurrent_scan import srwm_rate_index, srwm_split
 
 
 @dataclass
@@ -52,8 +53,7 @@ class SelfReferentialWeightMatrix(FastWeightProgrammer):
         self.beta_init = beta_init
         self.weight = nn.Parameter(torch.empty(n_head, d_head, 3 * d_head + 4))
         # the learning rate of each output row: blocks y, q, k (D rows each) and b (4 rows) use b_0 .. b_3
-        self.register_buffer("rate_index", torch.tensor([0] * d_head + [1] * d_head + [2] * d_head + [3] * 4),
-                             persistent=False)  # fmt: skip
+        self.register_buffer("rate_index", srwm_rate_index(d_head), persistent=False)
         self.init_parameters()
 
     def init_parameters(self, init_std: float = 0.0, proj_init_std: float = 0.0) -> None:
@@ -74,9 +74,7 @@ class SelfReferentialWeightMatrix(FastWeightProgrammer):
         return x.to(dtype).view(B, L, self.n_head, self.d_head).transpose(1, 2), self.weight.to(dtype)
 
     def _split(self, r: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        D = self.d_head
-        y, q, k, b = r.split([D, D, D, 4], dim=-1)
-        return y, torch.softmax(q, -1), torch.softmax(k, -1), torch.sigmoid(b)[..., self.rate_index]
+        return srwm_split(r, self.rate_index)
 
     def _reference(self, inputs: tuple, state: State) -> tuple[torch.Tensor, State]:
         x, W0 = inputs
@@ -91,22 +89,8 @@ class SelfReferentialWeightMatrix(FastWeightProgrammer):
 
     def _fast(self, inputs: tuple, state: State) -> tuple[torch.Tensor, State]:
         x, W0 = inputs
-        B, H, L, D = x.shape
-        P = W0.shape[-1]
-        W = (W0 + state[0]).reshape(B * H, D, P)
-        (xs,) = zip(*steps(x), strict=True)
-        r = torch.bmm(xs[0].unsqueeze(1), W).squeeze(1)  # W_0^T x_0; later steps get it from the previous bmm
-        outs = []
-        for t in range(L):
-            y, q, k, rate = self._split(r)
-            # one matmul reads v, v_bar and the next input's projection with W_{t-1}
-            nxt = xs[min(t + 1, L - 1)]
-            v, v_bar, r_next = torch.bmm(torch.stack([q, k, nxt], 1), W).unbind(1)
-            delta = rate * (v - v_bar)
-            W = torch.baddbmm(W, k.unsqueeze(2), delta.unsqueeze(1))
-            r = r_next + delta * (k * nxt).sum(-1, keepdim=True)  # W_t^T x_{t+1} = W_{t-1}^T x_{t+1} + delta (k . x)
-            outs.append(y)
-        return torch.stack(outs).view(L, B, H, D).permute(1, 2, 0, 3), ((W.view(B, H, D, P) - W0),)
+        y, (W,) = srwm_scan(x, initial_state=(W0 + state[0],), output_final_state=True)
+        return y, (W - W0,)
 
 
 def build_srwm(cfg: Any) -> Callable[[int], TokenMixer]:

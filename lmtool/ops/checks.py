@@ -138,8 +138,9 @@ def worst_error(errors: dict[str, float], tol: float) -> str | None:
 # --- the recurrent scans (lmtool.ops.recurrent_scan) ----------------------------------------------------------
 
 SCAN_INPUTS = {"delta_rnn_scan": ("z", "k", "v", "beta"), "delta_lstm_scan": ("z", "k", "v", "beta"),
-               "rec_delta_scan": ("proj", "rec")}  # fmt: skip
-SCAN_STATE = {"delta_rnn_scan": ("R", "y"), "delta_lstm_scan": ("R", "y", "c"), "rec_delta_scan": ("W", "y")}
+               "rec_delta_scan": ("proj", "rec"), "srwm_scan": ("x",)}  # fmt: skip
+SCAN_STATE = {"delta_rnn_scan": ("R", "y"), "delta_lstm_scan": ("R", "y", "c"), "rec_delta_scan": ("W", "y"),
+              "srwm_scan": ("W",)}  # fmt: skip
 
 
 @dataclass
@@ -173,7 +174,11 @@ def random_scan_problem(
     def randn(*shape: int, std: float = 1.0) -> torch.Tensor:
         return std * torch.randn(*shape, generator=gen)
 
-    if op == "rec_delta_scan":
+    if op == "srwm_scan":  # W_0 as the layer initialises it: the learning-rate columns around sigmoid(-1)
+        W0 = randn(B, H, D, 3 * D + 4, std=D**-0.5)
+        W0[..., 3 * D :] -= 1.0
+        inputs, state = [randn(B, H, L, D).to(dtype)], (W0,)
+    elif op == "rec_delta_scan":
         P = 3 * D + 1
         inputs = [randn(B, H, L, P).to(dtype), randn(H, D, P, std=D**-0.5)]
         state = (randn(B, H, D, D, std=0.3), randn(B, H, D, std=0.5))

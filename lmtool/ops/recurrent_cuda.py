@@ -1,7 +1,8 @@
 """CUDA forms of the recurrent scans (``impl="cuda"`` of ``lmtool.ops.recurrent_scan``): build, self-check,
 autograd wrappers and registration.
 
-The kernels (``kernels/delta_rnn_scan.cu``, ``rec_delta_scan.cu``, design in ``docs/cuda_kernels.md``) run one
+The kernels (``kernels/delta_rnn_scan.cu``, ``rec_delta_scan.cu``, ``srwm_scan.cu``; design in
+``docs/cuda_kernels.md``) run one
 thread block per (batch element, head) over the whole sequence with the fast matrices in shared memory, forward and
 backward, for float32 and bfloat16 inputs with float32 state and accumulation, ``1 <= d_head <= 64``. The backward
 rebuilds the matrices in reverse (``R_{t-1} = R_t - k_t u_t^T``) from the final state and from checkpoints the
@@ -51,7 +52,7 @@ from lmtool.ops.native import (
 from lmtool.ops.recurrent_scan import TORCH_FORMS
 from lmtool.ops.registry import note_use, register_impl
 
-SOURCES = ("recurrent_binding.cpp", "delta_rnn_scan.cu", "rec_delta_scan.cu")
+SOURCES = ("recurrent_binding.cpp", "delta_rnn_scan.cu", "rec_delta_scan.cu", "srwm_scan.cu")
 EXTENSION = NativeExtension("lmtool_recurrent_scan", SOURCES, KERNEL_DIR, what="recurrent CUDA kernels")
 MAX_D = 64  # kernels/recurrent_scan.h: kRecMaxD
 DEFAULT_CHECKPOINT_EVERY = 64
@@ -122,6 +123,34 @@ class _RecDeltaScan(torch.autograd.Function):
         return dproj.to(dt), drec, dW0, dy0, None, None, None
 
 
+class _SRWMScan(torch.autograd.Function):
+    """Self-referential weight matrix. Saves x, the read-outs r_t and vd_t = W_{t-1}^T (q_t - k_t) (O(L D) per
+    sequence), the final W and the checkpoints."""
+
+    @staticmethod
+    def forward(ctx, x, W0, C: int, save: bool, ext):
+        poison = poison_outputs()
+        y, W, pre, vd, ckpt = ext.srwm_forward(x, W0, C, save, poison, stream_of(x.device))
+        if save:
+            ctx.save_for_backward(x, pre, vd, W, ckpt)
+        ctx.meta = (C, poison, ext)
+        ctx.set_materialize_grads(False)
+        return y, W
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy, dW):
+        x, pre, vd, W, ckpt = ctx.saved_tensors
+        C, poison, ext = ctx.meta
+        dy = torch.zeros(x.shape, dtype=torch.float32, device=x.device) if dy is None else dy
+        with on_device(x.device):
+            dx, dW0 = ext.srwm_backward(x, pre, vd, W, ckpt, dy, dW, C, poison, stream_of(x.device))
+        return dx.to(x.dtype), dW0, None, None, None
+
+
+ONE_INPUT = ("rec_delta_scan", "srwm_scan")  # ops whose per-token input is the first positional only
+
+
 def head_width(op: str, x: torch.Tensor) -> int:
     """d_head of the op's first input (``proj``'s last size is 3 D + 1)."""
     return (x.shape[-1] - 1) // 3 if op == "rec_delta_scan" else x.shape[-1]
@@ -134,12 +163,14 @@ def _initial_state(op: str, x: torch.Tensor, initial_state) -> tuple[torch.Tenso
     B, G, D = x.shape[0], x.shape[1], head_width(op, x)
     H = G // 3 if op == "delta_lstm_scan" else G
     shapes = [(B, G, D, D), (B, H, D)] + ([(B, H, D)] if op == "delta_lstm_scan" else [])
+    if op == "srwm_scan":
+        shapes = [(B, G, D, 3 * D + 4)]
     return tuple(x.new_zeros(shape, dtype=torch.float32) for shape in shapes)
 
 
 def _kernel_inputs_dtype(op: str, inputs: list[torch.Tensor]) -> torch.dtype:
     """bf16 when the per-token inputs (z, k, v or proj) all are, else float32."""
-    return kernel_dtype(*inputs[: 1 if op == "rec_delta_scan" else 3])
+    return kernel_dtype(*inputs[: 1 if op in ONE_INPUT else 3])
 
 
 def _scan(op, inputs, initial_state, output_final_state, C, ext):
@@ -149,7 +180,10 @@ def _scan(op, inputs, initial_state, output_final_state, C, ext):
     state = _initial_state(op, inputs[0], initial_state)
     save = needs_grad(*inputs, *(initial_state or ()))
     with on_device(inputs[0].device):
-        if op == "rec_delta_scan":
+        if op == "srwm_scan":
+            dt = kernel_dtype(inputs[0])
+            y, *final = _SRWMScan.apply(inputs[0].to(dt), state[0], int(C), save, ext)
+        elif op == "rec_delta_scan":
             proj, rec = inputs
             dt = kernel_dtype(proj)
             y, *final = _RecDeltaScan.apply(proj.to(dt), rec.float(), *state, int(C), save, ext)

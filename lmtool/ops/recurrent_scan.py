@@ -21,6 +21,13 @@ Recurrent Delta Net: ``proj [B, H, L, 3 D + 1]`` (the slow projection of the inp
 recurrent weights), state ``(W [B, H, D, D], y [B, H, D])``: ``a_t = proj_t + rec^T tanh(y_{t-1})``, q, k = softmax
 of its first two D-blocks, v the third, beta = sigmoid(last entry), then the delta rule on W and ``y_t = W_t^T q_t``.
 
+Self-referential weight matrix (Irie, Schlag, Csordás & Schmidhuber 2022, arXiv 2202.05780): ``x [B, H, L, D]``, state
+``(W [B, H, D, 3 D + 4],)`` (the whole matrix, read out as ``W^T x``): ``[y_t, r_q, r_k, r_b] = W_{t-1}^T x_t``,
+``q, k = softmax(r_q), softmax(r_k)``, ``W_t = W_{t-1} + k_t (rate * W_{t-1}^T (q_t - k_t))^T`` with one learning rate
+``sigmoid(r_b)`` per block of columns (y, q, k, b); the output is ``y_t``::
+
+    y, state = srwm_scan(x, *, initial_state=None, output_final_state=False, impl="auto")
+
 Every op returns ``y [B, H, L, D]`` in the dtype of its first input and the final state in float32 (float64 when
 an input is float64), or None without ``output_final_state``; ``initial_state=None`` is zeros. Gradients flow to
 every input and to the initial state. ``impl``: "recurrent" (the torch scan below: one fused step per token,
@@ -128,6 +135,41 @@ def rec_delta_recurrent(proj, rec, *, initial_state=None, output_final_state=Fal
     return out, ((W, y.transpose(0, 1).contiguous()) if output_final_state else None)
 
 
+def srwm_rate_index(D: int, device=None) -> torch.Tensor:
+    """Which of the 4 learning rates each of the 3 D + 4 columns of an SRWM uses: blocks y, q, k (D each) and b (4)."""
+    return torch.tensor([0] * D + [1] * D + [2] * D + [3] * 4, device=device)
+
+
+def srwm_split(r: torch.Tensor, rate_index: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """y, q = softmax, k = softmax and the per-column learning rates from an SRWM's read-out ``[..., 3 D + 4]``."""
+    D = (r.shape[-1] - 4) // 3
+    y, q, k, b = r.split([D, D, D, 4], dim=-1)
+    return y, torch.softmax(q, -1), torch.softmax(k, -1), torch.sigmoid(b)[..., rate_index]
+
+
+def srwm_recurrent(x, *, initial_state=None, output_final_state=False):
+    """:func:`srwm_scan` as a torch loop: one batched matmul per token reads v, v_bar and the next token's
+    projection with W_{t-1} (W_t^T x_{t+1} = W_{t-1}^T x_{t+1} + delta (k . x_{t+1}))."""
+    B, H, L, D = x.shape
+    P = 3 * D + 4
+    dt = _compute_dtype(x, *(initial_state or ()))
+    (W,) = _state(initial_state, [(B, H, D, P)], x, dt)
+    W, index = W.reshape(B * H, D, P), srwm_rate_index(D, x.device)
+    (xs,) = zip(*steps(x.to(dt)), strict=True)
+    r = torch.bmm(xs[0].unsqueeze(1), W).squeeze(1)  # W_0^T x_0; later steps get it from the previous bmm
+    outs = []
+    for t in range(L):
+        y, q, k, rate = srwm_split(r, index)
+        nxt = xs[min(t + 1, L - 1)]
+        v, v_bar, r_next = torch.bmm(torch.stack([q, k, nxt], 1), W).unbind(1)
+        delta = rate * (v - v_bar)
+        W = torch.baddbmm(W, k.unsqueeze(2), delta.unsqueeze(1))
+        r = r_next + delta * (k * nxt).sum(-1, keepdim=True)
+        outs.append(y)
+    out = torch.stack(outs).view(L, B, H, D).permute(1, 2, 0, 3).to(x.dtype)
+    return out, ((W.view(B, H, D, P),) if output_final_state else None)
+
+
 def check_scan_inputs(op: str, x: torch.Tensor, state: State | None, state_shapes: list[tuple[int, ...]]) -> None:
     """Raise a one-line ValueError unless the first input is `[B, G, L, D]` floating point and the initial state
     (if any) has the shapes the op expects."""
@@ -167,9 +209,18 @@ def rec_delta_scan(proj, rec, *, initial_state=None, output_final_state=False, i
     return fn(proj, rec, initial_state=initial_state, output_final_state=output_final_state)
 
 
+def srwm_scan(x, *, initial_state=None, output_final_state=False, impl="auto"):
+    """The self-referential weight matrix's scan (module docstring): ``y [B, H, L, D]`` and the final ``(W,)``."""
+    B, H, L, D = x.shape
+    check_scan_inputs("srwm_scan", x, initial_state, [(B, H, D, 3 * D + 4)])
+    fn = resolve_impl("srwm_scan", impl, x.device)
+    return fn(x, initial_state=initial_state, output_final_state=output_final_state)
+
+
 TORCH_FORMS = {"delta_rnn_scan": delta_rnn_recurrent, "delta_lstm_scan": delta_lstm_recurrent,
-               "rec_delta_scan": rec_delta_recurrent}  # fmt: skip
-SCANS = {"delta_rnn_scan": delta_rnn_scan, "delta_lstm_scan": delta_lstm_scan, "rec_delta_scan": rec_delta_scan}
+               "rec_delta_scan": rec_delta_recurrent, "srwm_scan": srwm_recurrent}  # fmt: skip
+SCANS = {"delta_rnn_scan": delta_rnn_scan, "delta_lstm_scan": delta_lstm_scan, "rec_delta_scan": rec_delta_scan,
+         "srwm_scan": srwm_scan}  # fmt: skip
 
 for _op, _fn in TORCH_FORMS.items():
     register_impl(_op, "recurrent", _fn, priority=0)

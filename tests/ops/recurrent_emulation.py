@@ -1,4 +1,5 @@
-"""The recurrent scans' CUDA kernels on the CPU: the real launchers (kernels/delta_rnn_scan.cu, rec_delta_scan.cu)
+"""The recurrent scans' CUDA kernels on the CPU: the real launchers (kernels/delta_rnn_scan.cu, rec_delta_scan.cu,
+srwm_scan.cu)
 under the SIMT emulation of ``cuda_emulation.py``, behind the real binding (kernels/recurrent_binding.cpp).
 
 Run as a script (``python -m tests.ops.recurrent_emulation EXTENSION``) it checks SANITIZED_CASES through the binding
@@ -18,7 +19,7 @@ from lmtool.ops.checks import TOLERANCE, random_scan_problem, relative_errors, s
 from lmtool.ops.recurrent_scan import TORCH_FORMS
 from tests.ops import cuda_emulation
 
-SOURCES = ("delta_rnn_scan.cu", "rec_delta_scan.cu")
+SOURCES = ("delta_rnn_scan.cu", "rec_delta_scan.cu", "srwm_scan.cu")
 LIBRARY = "liblmtool_rec_emu.so"
 NAME = "lmtool_recurrent_emulated"
 OPS = list(TORCH_FORMS)
@@ -61,6 +62,8 @@ SANITIZED_CASES = [
     ("rec_delta_scan", torch.float32, 2, 1, 10, 6, 3, False),
     ("delta_lstm_scan", torch.float32, 1, 1, 4, 64, 2, True),
     ("rec_delta_scan", torch.bfloat16, 1, 1, 4, 64, 2, True),
+    ("srwm_scan", torch.float32, 2, 1, 7, 5, 3, True),
+    ("srwm_scan", torch.bfloat16, 1, 1, 3, 64, 2, False),
 ]
 
 
