@@ -13,7 +13,8 @@
 4. timings (fwd+bwd, median of 5): "cuda" against the torch "chunk" form and, when `fla` is importable,
    flash-linear-attention's chunk_delta_rule / chunk_gated_delta_rule, at B=8, H=8, D=64, T = 512, 2048, 8192;
    the scans' kernels against the torch step loop the layers ran before (B=16, H=8, D=32, T = 256, 1024);
-5. a 200-step `lmtool-train` (delta rule, bf16, impl=cuda) whose metrics' first row must say the kernels ran.
+5. a 200-step `lmtool-train` of the default model (Gated DeltaNet's layer: the delta rule with a decay g; bf16,
+   impl=cuda) whose metrics' first row must say the kernels ran.
 
 Inputs, comparisons and FLOP counts come from lmtool.ops.checks (shared with the tests and bench_ops.py). Writes
 DIR/report.md, DIR/gpu_check.json, DIR/ptxas.txt, DIR/build.log (on a failed build) and DIR/train_metrics.jsonl.
@@ -73,6 +74,7 @@ TIMING_SHAPE = (8, 8, 64)  # B, H, D (Dk = Dv)
 # The recurrent scans (Delta RNN, Delta LSTM, Recurrent Delta Net): (B, H, L, D, checkpoint_every, with_state)
 SCAN_PARITY_SHAPES = [(2, 2, 150, 16, 64, True), (2, 3, 97, 32, 16, False), (1, 2, 130, 64, 64, True),
                       (3, 2, 65, 20, 8, True), (1, 1, 1, 8, 64, True)]  # fmt: skip
+SCAN_DRY_SHAPES = [(1, 2, 21, 8, 8, True), (1, 1, 1, 8, 64, False)]  # --cpu-dry-run: the torch form is slow
 SCAN_TIMING = ((16, 8, 32), [256, 1024])  # (B, H, D), lengths: the recipes' d_head is 16 to 32
 
 
@@ -235,14 +237,15 @@ def scan_parity_row(op: str, dt: str, shape: tuple, i: int) -> dict:
 
 def carried_halves_row(op: str) -> dict:
     """Two half-segments with the state carried against one pass (fp32, no_grad, impl as run)."""
-    p = random_scan_problem(op, 2, 2, 300, 32, device=Run.device, seed=8)
-    n = 1 if op == "rec_delta_scan" else 4  # inputs with a token axis; rec is shared
+    L, half = (40, 17) if Run.dry else (300, 123)
+    p = random_scan_problem(op, 2, 2, L, 32, device=Run.device, seed=8)
+    n = 1 if op in recurrent_cuda.ONE_INPUT else 4  # inputs with a token axis; rec is shared
     form = TORCH_FORMS[op] if Run.dry else recurrent_cuda.CUDA_FORMS[op]
     with torch.no_grad():
         y, full = form(*p.inputs, initial_state=p.state, output_final_state=True)
-        y1, mid = form(*(x[:, :, :123] for x in p.inputs[:n]), *p.inputs[n:], initial_state=p.state,
+        y1, mid = form(*(x[:, :, :half] for x in p.inputs[:n]), *p.inputs[n:], initial_state=p.state,
                        output_final_state=True)  # fmt: skip
-        y2, end = form(*(x[:, :, 123:] for x in p.inputs[:n]), *p.inputs[n:], initial_state=mid,
+        y2, end = form(*(x[:, :, half:] for x in p.inputs[:n]), *p.inputs[n:], initial_state=mid,
                        output_final_state=True)  # fmt: skip
     names = ["y", *(f"final {i}" for i in range(len(full)))]
     error = worst_error(relative_errors([torch.cat([y1, y2], 2), *end], [y, *full], names), 1e-5)
@@ -255,7 +258,7 @@ def section_scan_parity(guard: Guard, results: dict) -> bool:
     rows, i = [], 0
     for op in TORCH_FORMS:
         for dt in DTYPES:
-            for shape in SCAN_PARITY_SHAPES[:: 4 if Run.dry else 1]:
+            for shape in SCAN_DRY_SHAPES if Run.dry else SCAN_PARITY_SHAPES:
                 i += 1
                 if not guard.fits(150):
                     rows.append({"case": f"{op} {dt} {shape}", "ok": False, "skipped": "time budget"})
@@ -287,7 +290,7 @@ def time_scan(form, p, repeats: int) -> float:
 
 def section_scan_timing(guard: Guard, results: dict) -> None:
     """fwd+bwd of the scans: the kernels ("cuda") against the torch loop the layers ran before ("recurrent")."""
-    (B, H, D), lengths = ((1, 2, 8), [32]) if Run.dry else SCAN_TIMING
+    (B, H, D), lengths = ((1, 2, 8), [8]) if Run.dry else SCAN_TIMING
     impls = {"recurrent": TORCH_FORMS} if Run.dry else {"cuda": recurrent_cuda.CUDA_FORMS, "recurrent": TORCH_FORMS}
     rows = []
     for L in lengths:
@@ -425,7 +428,7 @@ def section_train(guard: Guard, results: dict, out: Path, steps: int) -> None:
         entry = [sys.executable, "-c", TRAIN_BOOTSTRAP.format(shim=str(base / "shim"))]
     precision = "fp32" if Run.dry else "bf16"
     cmd = [*entry, "debug=smoke", f"trainer.max_steps={steps}", f"trainer.precision={precision}",
-           f"trainer.device={Run.device}", "update_rule=delta", f"update_rule.impl={Run.impl}",
+           f"trainer.device={Run.device}", f"update_rule.impl={Run.impl}",
            "trainer.progress=false", f"hydra.run.dir={base / 'run'}"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     env.setdefault("LMTOOL_CACHE", str(base / "data-cache"))

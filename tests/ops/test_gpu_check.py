@@ -24,7 +24,7 @@ def test_gpu_check_dry_run_writes_a_markdown_report(tmp_path):
     assert {r["op"] for r in results["timing"] if "ms_median" in r} == {"delta_rule", "delta_rule+g", "sum_rule"}
     scans = results["scan_parity"]["rows"]
     assert all(r["ok"] for r in scans)
-    assert {r["case"].split()[0] for r in scans} == {"delta_rnn_scan", "delta_lstm_scan", "rec_delta_scan"}
+    assert {r["case"].split()[0] for r in scans} == {"delta_rnn_scan", "delta_lstm_scan", "rec_delta_scan", "srwm_scan"}
     assert any("carried halves" in r["case"] for r in scans) and any("bf16" in r["case"] for r in scans)
     assert {r["op"] for r in results["scan_timing"] if "ms_median" in r} == {r["case"].split()[0] for r in scans}
     assert results["train"]["ok"] and results["train"]["impls"] == {"delta_rule": ["chunk"]}
