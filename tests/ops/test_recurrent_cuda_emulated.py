@@ -224,3 +224,40 @@ def test_an_out_of_bounds_access_in_a_scan_fails_with_a_sanitizer_report(recurre
     assert result.returncode == 23, result.stderr[-3000:]
     assert "ERROR: AddressSanitizer: heap-buffer-overflow" in result.stderr
     assert "delta_rnn_forward_kernel" in result.stderr
+
+
+LAYERS = {  # the layers whose fast form runs a scan op: (factory, op)
+    "delta_rnn": ("DeltaRNN", "delta_rnn_scan"),
+    "delta_lstm": ("DeltaLSTM", "delta_lstm_scan"),
+    "rec_delta": ("RecurrentDeltaNet", "rec_delta_scan"),
+    "srwm": ("SelfReferentialWeightMatrix", "srwm_scan"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", LAYERS)
+def test_layers_pick_the_kernels_through_auto(recurrent_kernels_on_emulation, monkeypatch, name):
+    """With "cuda" offered for CPU tensors (the emulated kernels), a layer's fast form reaches the kernels through
+    impl="auto" after their self-check, records "cuda", and matches its step-loop reference in float32 (outputs, final
+    state, input and parameter gradients) from a non-zero state."""
+    from lmtool.layers import recurrent_fwp, srwm
+
+    cls, op = LAYERS[name]
+    entry = registry._REGISTRY[op]["cuda"]
+    monkeypatch.setitem(registry._REGISTRY[op], "cuda", entry.__class__(
+        entry.fn, None, entry.priority, None, entry.auto_fn, entry.reports_use))  # fmt: skip
+    monkeypatch.setattr(registry, "_USED", {})
+    torch.manual_seed(0)
+    layer = getattr(recurrent_fwp if name != "srwm" else srwm, cls)(16, 2, 8, 0.0)
+    x = torch.randn(2, 19, 16)
+    state = tuple(0.3 * torch.randn_like(s) for s in layer.init_state(2, device=x.device, dtype=x.dtype))
+    results = []
+    for forward in (layer.forward, layer.forward_reference):
+        layer.zero_grad()
+        xi = x.clone().requires_grad_()
+        y, new_state = forward(xi, state, True)
+        (y.square().sum() + sum(s.square().sum() for s in new_state)).backward()
+        results.append([y, *new_state, xi.grad, *(p.grad for p in layer.parameters())])
+    for a, e in zip(*results, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
+    assert registry.used_impls()[op] == ["cuda"]
