@@ -9,7 +9,8 @@
    strided inputs, no initial state, the loss on o or on S only, and two carried half-segments against one pass;
    likewise the recurrent scans' kernels (Delta RNN, Delta LSTM, Recurrent Delta Net; built as a second
    extension) against the float64 torch form (d_head 1 to 64, odd L, no initial state, carried halves);
-3. compute-sanitizer memcheck and racecheck on small runs where the tool is there (--skip-sanitize to leave out);
+3. compute-sanitizer memcheck and racecheck on small runs of both extensions where the tool is there
+   (--skip-sanitize to leave out);
 4. timings (fwd+bwd, median of 5): "cuda" against the torch "chunk" form and, when `fla` is importable,
    flash-linear-attention's chunk_delta_rule / chunk_gated_delta_rule, at B=8, H=8, D=64, T = 512, 2048, 8192;
    the scans' kernels against the torch step loop the layers ran before (B=16, H=8, D=32, T = 256, 1024);
@@ -44,6 +45,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import bench_ops  # noqa: E402
+import gpu_check_scans  # noqa: E402
 
 from lmtool.ops import cuda, delta_rule, recurrent_cuda, sum_rule  # noqa: E402
 from lmtool.ops.checks import (  # noqa: E402
@@ -51,17 +53,13 @@ from lmtool.ops.checks import (  # noqa: E402
     grad_names,
     outputs_and_grads,
     random_problem,
-    random_scan_problem,
     relative_errors,
-    scan_grad_names,
-    scan_outputs_and_grads,
     worst_error,
 )
 from lmtool.ops.native import device_arch  # noqa: E402
-from lmtool.ops.recurrent_scan import TORCH_FORMS  # noqa: E402
 
 OPS = {"delta_rule": delta_rule, "sum_rule": sum_rule}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = gpu_check_scans.DTYPES
 # (B, H, L, Dk, Dv, checkpoint_every, extra): odd widths, every key-width tile, several column tiles, no state
 PARITY_SHAPES = [
     (2, 2, 150, 16, 16, 64, {}), (2, 3, 97, 30, 7, 16, {"strided": True}), (1, 2, 130, 48, 40, 64, {}),
@@ -71,11 +69,6 @@ PARITY_SHAPES = [
 ]  # fmt: skip
 TIMING_LENGTHS = [512, 2048, 8192]
 TIMING_SHAPE = (8, 8, 64)  # B, H, D (Dk = Dv)
-# The recurrent scans (Delta RNN, Delta LSTM, Recurrent Delta Net): (B, H, L, D, checkpoint_every, with_state)
-SCAN_PARITY_SHAPES = [(2, 2, 150, 16, 64, True), (2, 3, 97, 32, 16, False), (1, 2, 130, 64, 64, True),
-                      (3, 2, 65, 20, 8, True), (1, 1, 1, 8, 64, True)]  # fmt: skip
-SCAN_DRY_SHAPES = [(1, 2, 21, 8, 8, True), (1, 1, 1, 8, 64, False)]  # --cpu-dry-run: the torch form is slow
-SCAN_TIMING = ((16, 8, 32), [256, 1024])  # (B, H, D), lengths: the recipes' d_head is 16 to 32
 
 
 class Run:
@@ -213,104 +206,6 @@ def section_parity(guard: Guard, results: dict) -> bool:
     return ok_all
 
 
-def run_scan(op, p, **kwargs):
-    """A recurrent scan's form under test: "cuda" (strict), or in a dry run the torch form."""
-    if Run.dry:
-        kwargs.pop("checkpoint_every", None)
-        return scan_outputs_and_grads(TORCH_FORMS[op], p, **kwargs)
-    return scan_outputs_and_grads(recurrent_cuda.CUDA_FORMS[op], p, **kwargs)
-
-
-def scan_parity_row(op: str, dt: str, shape: tuple, i: int) -> dict:
-    B, H, L, D, C, with_state = shape
-    label = f"{op} {dt} B,H,L,D={B},{H},{L},{D} C={C}{'' if with_state else ' no initial state'}"
-    p = random_scan_problem(op, B, H, L, D, dtype=DTYPES[dt], device=Run.device, seed=200 + i)
-    try:
-        actual = run_scan(op, p, with_state=with_state, checkpoint_every=C)
-        expected = scan_outputs_and_grads(TORCH_FORMS[op], p.to(torch.float64), with_state=with_state)
-        errors = relative_errors(actual, expected, scan_grad_names(op, with_state=with_state))
-        error = worst_error(errors, TOLERANCE[DTYPES[dt]])
-    except Exception as err:  # a failed self-check (strict) or a launch error
-        errors, error = {}, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-    return {"case": label, "ok": error is None, "error": error, "errors": errors}
-
-
-def carried_halves_row(op: str) -> dict:
-    """Two half-segments with the state carried against one pass (fp32, no_grad, impl as run)."""
-    L, half = (40, 17) if Run.dry else (300, 123)
-    p = random_scan_problem(op, 2, 2, L, 32, device=Run.device, seed=8)
-    n = 1 if op in recurrent_cuda.ONE_INPUT else 4  # inputs with a token axis; rec is shared
-    form = TORCH_FORMS[op] if Run.dry else recurrent_cuda.CUDA_FORMS[op]
-    with torch.no_grad():
-        y, full = form(*p.inputs, initial_state=p.state, output_final_state=True)
-        y1, mid = form(*(x[:, :, :half] for x in p.inputs[:n]), *p.inputs[n:], initial_state=p.state,
-                       output_final_state=True)  # fmt: skip
-        y2, end = form(*(x[:, :, half:] for x in p.inputs[:n]), *p.inputs[n:], initial_state=mid,
-                       output_final_state=True)  # fmt: skip
-    names = ["y", *(f"final {i}" for i in range(len(full)))]
-    error = worst_error(relative_errors([torch.cat([y1, y2], 2), *end], [y, *full], names), 1e-5)
-    return {"case": f"{op} fp32 two carried halves == one pass", "ok": error is None, "error": error}
-
-
-def section_scan_parity(guard: Guard, results: dict) -> bool:
-    """The recurrent scans' kernels against the float64 torch form, NaN-poisoned, odd shapes, carried state."""
-    os.environ["LMTOOL_CUDA_POISON"] = "1"
-    rows, i = [], 0
-    for op in TORCH_FORMS:
-        for dt in DTYPES:
-            for shape in SCAN_DRY_SHAPES if Run.dry else SCAN_PARITY_SHAPES:
-                i += 1
-                if not guard.fits(150):
-                    rows.append({"case": f"{op} {dt} {shape}", "ok": False, "skipped": "time budget"})
-                    continue
-                rows.append(scan_parity_row(op, dt, shape, i))
-                if rows[-1]["error"]:
-                    log(f"SCAN PARITY FAIL {rows[-1]['case']}: {rows[-1]['error']}")
-        rows.append(carried_halves_row(op))
-    os.environ["LMTOOL_CUDA_POISON"] = "0"
-    ok_all = all(r["ok"] for r in rows)
-    results["scan_parity"] = {"ok": ok_all, "rows": rows, "self_checks": recurrent_cuda.EXTENSION.verdicts()}
-    log(f"scan parity: {sum(r['ok'] for r in rows)}/{len(rows)} cases pass")
-    return ok_all
-
-
-def time_scan(form, p, repeats: int) -> float:
-    """Median milliseconds of forward+backward of ``form`` on ``p`` (after one warm-up call)."""
-    times = []
-    for _ in range(repeats + 1):
-        if Run.device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        scan_outputs_and_grads(form, p)
-        if Run.device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * sorted(times[1:])[len(times[1:]) // 2]
-
-
-def section_scan_timing(guard: Guard, results: dict) -> None:
-    """fwd+bwd of the scans: the kernels ("cuda") against the torch loop the layers ran before ("recurrent")."""
-    (B, H, D), lengths = ((1, 2, 8), [8]) if Run.dry else SCAN_TIMING
-    impls = {"recurrent": TORCH_FORMS} if Run.dry else {"cuda": recurrent_cuda.CUDA_FORMS, "recurrent": TORCH_FORMS}
-    rows = []
-    for L in lengths:
-        for op in TORCH_FORMS:
-            for dt in ["fp32"] if Run.dry else DTYPES:
-                p = random_scan_problem(op, B, H, L, D, dtype=DTYPES[dt], device=Run.device, seed=9)
-                for impl, forms in impls.items():
-                    row = {"op": op, "impl": impl, "L": L, "dtype": dt, "B,H,D": f"{B},{H},{D}"}
-                    if not guard.fits(60):
-                        rows.append({**row, "skipped": "time budget"})
-                        continue
-                    try:
-                        ms = time_scan(forms[op], p, 1 if Run.dry else 3)
-                        rows.append({**row, "ms_median": ms, "tokens_per_s": B * L / ms * 1e3})
-                    except Exception as err:  # e.g. out of memory: record, go on
-                        rows.append({**row, "error": str(err)[:200]})
-    results["scan_timing"] = rows
-    log(f"timed {sum('ms_median' in r for r in rows)} scan rows")
-
-
 SANITIZE_SNIPPET = """
 import sys, torch
 sys.path.insert(0, {root!r})
@@ -323,6 +218,14 @@ for i, (Dk, Dv, L) in enumerate([(16, 40, 70), (48, 20, 33), (384, 8, 9), (128, 
             for decay in (None, 0.9):
                 p = random_problem(op, 2, 2, L, Dk, Dv, dtype=dtype, device="cuda", seed=i, decay=decay)
                 outputs_and_grads(cuda.CUDA_FORMS[op], p, checkpoint_every=16)
+from lmtool.ops import recurrent_cuda
+from lmtool.ops.checks import random_scan_problem, scan_outputs_and_grads
+assert recurrent_cuda.EXTENSION.load() is not None, recurrent_cuda.EXTENSION.reason
+for op, form in recurrent_cuda.CUDA_FORMS.items():  # the scans: shared-memory phases for racecheck
+    for dtype in (torch.float32, torch.bfloat16):
+        for D, L in [(8, 21), (64, 9)]:
+            p = random_scan_problem(op, 2, 2, L, D, dtype=dtype, device="cuda", seed=D)
+            scan_outputs_and_grads(form, p, checkpoint_every=4)
 torch.cuda.synchronize()
 print("sanitized run finished")
 """
@@ -467,18 +370,7 @@ def markdown(results: dict) -> str:
     for r in parity.get("rows", []):
         worst = r.get("skipped") or r.get("error") or f"{max(r.get('errors', {'-': 0}).values(), default=0):.1e}"
         lines.append(f"| {r['case']} | {'yes' if r['ok'] else '**NO**'} | {worst} |")
-    scans = results.get("scan_parity", {})
-    lines += ["", "## Recurrent scans: self-checks", ""]
-    lines += [f"- `{k}`: {v or 'passed'}" for k, v in scans.get("self_checks", {}).items()]
-    lines += ["", "## Recurrent scans: parity against float64", "", "| case | ok | worst |", "|---|---|---|"]
-    for r in scans.get("rows", []):
-        worst = r.get("skipped") or r.get("error") or f"{max(r.get('errors', {'-': 0}).values(), default=0):.1e}"
-        lines.append(f"| {r['case']} | {'yes' if r['ok'] else '**NO**'} | {worst} |")
-    lines += ["", "## Recurrent scans: timings (fwd+bwd, median of 3)", "", "| op | impl | T | dtype | B,H,D | ms |",
-              "|---|---|---|---|---|---|"]  # fmt: skip
-    for r in results.get("scan_timing", []):
-        value = f"{r['ms_median']:.2f}" if "ms_median" in r else r.get("skipped") or r.get("error")
-        lines.append(f"| {r['op']} | {r['impl']} | {r['L']} | {r['dtype']} | {r['B,H,D']} | {value} |")
+    lines += gpu_check_scans.report_lines(results)
     lines += ["", "## compute-sanitizer", "", f"`{json.dumps(results.get('sanitize', 'not run'))[:2000]}`", ""]
     lines += ["## Timings (fwd+bwd, median of 5)", "", "| op | impl | T | dtype | ms | Mtok/s | useful TFLOP/s | MB |",
               "|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -534,12 +426,12 @@ def main(argv=None) -> int:
     save()
     parity_ok = section_parity(guard, results) if built else False
     save()
-    scans_ok = section_scan_parity(guard, results) if scans_built else False
+    scans_ok = gpu_check_scans.section_parity(guard, results, Run.device, Run.dry, log) if scans_built else False
     save()
     sanitized = section_sanitize(guard, results) if built and gpu and not args.skip_sanitize else True
     save()
     section_timing(guard, results)
-    section_scan_timing(guard, results)
+    gpu_check_scans.section_timing(guard, results, Run.device, Run.dry, log)
     save()
     if not args.skip_train:
         section_train(guard, results, args.out, args.train_steps)
