@@ -1,8 +1,8 @@
 """Native (JIT-built) extensions behind the ops: build with a bounded wait, one warning on failure, and trust
 after proof.
 
-One :class:`NativeExtension` per extension (``lmtool.ops.cuda`` has the fast-weight one); a second extension
-(e.g. kernels for the recurrent models) is another instance with its own sources and self-check:
+One :class:`NativeExtension` per extension (``lmtool.ops.cuda`` has the fast-weight one, ``lmtool.ops.recurrent_cuda``
+the recurrent scans' one), each with its own sources and self-check (the launch helpers serve both):
 
 - :meth:`NativeExtension.load` builds on the first call (``torch.utils.cpp_extension.load``, for the visible
   GPU's architecture, cached under ``$LMTOOL_KERNEL_CACHE``) and returns None after ONE warning where that is

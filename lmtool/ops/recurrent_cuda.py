@@ -1,5 +1,5 @@
-"""CUDA forms of the recurrent scans (``impl="cuda"`` of ``lmtool.ops.recurrent_scan``): build, self-check,
-autograd wrappers and registration.
+"""CUDA forms of the recurrent scans (``impl="cuda"`` of ``lmtool.ops.recurrent_scan``: Delta RNN, Delta LSTM,
+Recurrent Delta Net, SRWM): build, self-check, autograd wrappers and registration.
 
 The kernels (``kernels/delta_rnn_scan.cu``, ``rec_delta_scan.cu``, ``srwm_scan.cu``; design in
 ``docs/cuda_kernels.md``) run one
@@ -162,14 +162,15 @@ def _initial_state(op: str, x: torch.Tensor, initial_state) -> tuple[torch.Tenso
         return tuple(s.float() for s in initial_state)
     B, G, D = x.shape[0], x.shape[1], head_width(op, x)
     H = G // 3 if op == "delta_lstm_scan" else G
-    shapes = [(B, G, D, D), (B, H, D)] + ([(B, H, D)] if op == "delta_lstm_scan" else [])
     if op == "srwm_scan":
         shapes = [(B, G, D, 3 * D + 4)]
+    else:
+        shapes = [(B, G, D, D), (B, H, D)] + ([(B, H, D)] if op == "delta_lstm_scan" else [])
     return tuple(x.new_zeros(shape, dtype=torch.float32) for shape in shapes)
 
 
 def _kernel_inputs_dtype(op: str, inputs: list[torch.Tensor]) -> torch.dtype:
-    """bf16 when the per-token inputs (z, k, v or proj) all are, else float32."""
+    """bf16 when the per-token inputs (z, k, v, proj or x) all are, else float32."""
     return kernel_dtype(*inputs[: 1 if op in ONE_INPUT else 3])
 
 
