@@ -62,8 +62,7 @@ __global__ void __launch_bounds__(kRecMaxThreads) delta_rnn_forward_kernel(Delta
         if (a.pre != nullptr) a.pre[x] = out;
       }
       if (a.ckpt != nullptr && is_checkpoint(t, L, C)) {
-        float* dst = a.ckpt + ((static_cast<int64_t>(blk.bh) * n_ckpt + (t + 1) / C - 1) * GATES + g) * D * D;
-        for (int i = 0; i < D; ++i) dst[i * D + j] = Rg[i * ld + j];
+        store_column(checkpoint_at(a.ckpt, blk.bh, n_ckpt, t, C, GATES * D * D) + g * D * D, Rg, ld, j, D, D);
       }
     }
     __syncthreads();
@@ -137,7 +136,7 @@ __global__ void __launch_bounds__(kRecMaxThreads) delta_rnn_backward_kernel(Delt
 
   for (int t = L - 1; t >= 0; --t) {
     if (is_checkpoint(t, L, C)) {  // R_t as the forward had it: the rebuilding below runs over < C tokens
-      load_matrices(R, a.ckpt + (static_cast<int64_t>(blk.bh) * n_ckpt + (t + 1) / C - 1) * GATES * D * D, GATES, D, D, ld);
+      load_matrices(R, checkpoint_at(a.ckpt, blk.bh, n_ckpt, t, C, GATES * D * D), GATES, D, D, ld);
     }
     const float* y_prev = t > 0 ? a.y + (static_cast<int64_t>(blk.bh) * L + t - 1) * D : a.y0 + blk.bh * D;
     for (int i = threadIdx.x; i < D; i += blockDim.x) p[i] = softmax_at(y_prev, D, i);

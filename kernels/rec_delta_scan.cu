@@ -46,8 +46,7 @@ __global__ void __launch_bounds__(kRecMaxThreads) rec_delta_forward_kernel(RecDe
       y[j] = a.y[tok * D + j] = out;
       if (a.resid != nullptr) a.resid[tok * D + j] = r;
       if (a.ckpt != nullptr && is_checkpoint(t, L, C)) {
-        float* dst = a.ckpt + (static_cast<int64_t>(bh) * n_ckpt + (t + 1) / C - 1) * D * D;
-        for (int i = 0; i < D; ++i) dst[i * D + j] = W[i * ld + j];
+        store_column(checkpoint_at(a.ckpt, bh, n_ckpt, t, C, D * D), W, ld, j, D, D);
       }
     }
     __syncthreads();
@@ -88,7 +87,7 @@ __global__ void __launch_bounds__(kRecMaxThreads) rec_delta_backward_kernel(RecD
     const int64_t tok = static_cast<int64_t>(bh) * L + t;
     const float* act = a.pre + tok * P;
     const float beta = sigmoidf(act[3 * D]);
-    if (is_checkpoint(t, L, C)) load_matrices(W, a.ckpt + (static_cast<int64_t>(bh) * n_ckpt + (t + 1) / C - 1) * D * D, 1, D, D, ld);
+    if (is_checkpoint(t, L, C)) load_matrices(W, checkpoint_at(a.ckpt, bh, n_ckpt, t, C, D * D), 1, D, D, ld);
     const float* y_prev = t > 0 ? a.y + (tok - 1) * D : a.y0 + bh * D;
     for (int i = threadIdx.x; i < D; i += blockDim.x) {
       q[i] = softmax_at(act, D, i);
@@ -131,7 +130,7 @@ __global__ void __launch_bounds__(kRecMaxThreads) rec_delta_backward_kernel(RecD
     __syncthreads();
   }
   store_matrices(a.dW0 + static_cast<int64_t>(bh) * D * D, Gm, 1, D, D, ld);
-  for (int e = threadIdx.x; e < D * P; e += blockDim.x) a.drec[static_cast<int64_t>(bh) * D * P + e] = drec[(e / P) * (P + 1) + e % P];
+  store_matrices(a.drec + static_cast<int64_t>(bh) * D * P, drec, 1, D, P, P + 1);
   for (int j = threadIdx.x; j < D; j += blockDim.x) a.dy0[bh * D + j] = gy[j];
 }
 

@@ -89,7 +89,17 @@ __device__ __forceinline__ void load_vector(float* dst, const float* src, int D)
   for (int i = threadIdx.x; i < D; i += blockDim.x) dst[i] = src != nullptr ? src[i] : 0.0f;
 }
 
-// Whether the forward stored the state after token t (tokens C - 1, 2C - 1, .. before the last), and its index.
+// Whether the forward stored the state after token t (tokens C - 1, 2C - 1, .. before the last).
 __device__ __forceinline__ bool is_checkpoint(int t, int L, int C) { return (t + 1) % C == 0 && t + 1 < L; }
+
+// Where sequence bh's checkpoint after token t starts: `n` checkpoints of `size` floats per sequence.
+__device__ __forceinline__ float* checkpoint_at(float* ckpt, int bh, int n, int t, int C, int64_t size) {
+  return ckpt + (static_cast<int64_t>(bh) * n + (t + 1) / C - 1) * size;
+}
+
+// Column j of a rows x cols shared-memory matrix (rows of ld floats) into a dense global one.
+__device__ __forceinline__ void store_column(float* dst, const float* M, int ld, int j, int rows, int cols) {
+  for (int i = 0; i < rows; ++i) dst[static_cast<int64_t>(i) * cols + j] = M[i * ld + j];
+}
 
 }  // namespace lmtool_fw

@@ -42,8 +42,7 @@ __global__ void __launch_bounds__(kRecMaxThreads) srwm_forward_kernel(SRWMArgs a
       col_axpy(W, ld, j, k, srwm_rate(r, D, j) * vd, D);
       if (a.vd != nullptr) a.vd[tok * P + j] = vd;
       if (a.ckpt != nullptr && is_checkpoint(t, L, C)) {
-        float* dst = a.ckpt + (static_cast<int64_t>(bh) * n_ckpt + (t + 1) / C - 1) * D * P;
-        for (int i = 0; i < D; ++i) dst[i * P + j] = W[i * ld + j];
+        store_column(checkpoint_at(a.ckpt, bh, n_ckpt, t, C, D * P), W, ld, j, D, P);
       }
     }
     __syncthreads();
@@ -73,7 +72,7 @@ __global__ void __launch_bounds__(kRecMaxThreads) srwm_backward_kernel(SRWMArgs 
   for (int t = L - 1; t >= 0; --t) {
     const int64_t tok = static_cast<int64_t>(bh) * L + t;
     const float* r = a.pre + tok * P;
-    if (is_checkpoint(t, L, C)) load_matrices(W, a.ckpt + (static_cast<int64_t>(bh) * n_ckpt + (t + 1) / C - 1) * D * P, 1, D, P, ld);
+    if (is_checkpoint(t, L, C)) load_matrices(W, checkpoint_at(a.ckpt, bh, n_ckpt, t, C, D * P), 1, D, P, ld);
     for (int i = threadIdx.x; i < D; i += blockDim.x) {
       xs[i] = to_float(x[tok * D + i]);
       q[i] = softmax_at(r + D, D, i);

@@ -13,15 +13,8 @@ from collections.abc import Callable
 
 import torch
 
-from lmtool.ops import recurrent_cuda
-from lmtool.ops.checks import (
-    TOLERANCE,
-    random_scan_problem,
-    relative_errors,
-    scan_grad_names,
-    scan_outputs_and_grads,
-    worst_error,
-)
+from lmtool.ops import checks, recurrent_cuda
+from lmtool.ops.checks import random_scan_problem, scan_outputs_and_grads, worst_error
 from lmtool.ops.recurrent_scan import TORCH_FORMS
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -45,8 +38,8 @@ def parity_row(op: str, dt: str, shape: tuple, seed: int, device: str, dry: bool
         kwargs = {} if dry else {"checkpoint_every": C}
         actual = scan_outputs_and_grads(forms(dry)[op], p, with_state=with_state, **kwargs)
         expected = scan_outputs_and_grads(TORCH_FORMS[op], p.to(torch.float64), with_state=with_state)
-        errors = relative_errors(actual, expected, scan_grad_names(op, with_state=with_state))
-        error = worst_error(errors, TOLERANCE[DTYPES[dt]])
+        errors = checks.relative_errors(actual, expected, checks.scan_grad_names(op, with_state=with_state))
+        error = worst_error(errors, checks.TOLERANCE[DTYPES[dt]])
     except Exception as err:  # a failed self-check (strict) or a launch error
         errors, error = {}, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
     return {"case": label, "ok": error is None, "error": error, "errors": errors}
@@ -65,7 +58,7 @@ def carried_halves_row(op: str, device: str, dry: bool) -> dict:
         y2, end = form(*(x[:, :, half:] for x in p.inputs[:n]), *p.inputs[n:], initial_state=mid,
                        output_final_state=True)  # fmt: skip
     names = ["y", *(f"final {i}" for i in range(len(full)))]
-    error = worst_error(relative_errors([torch.cat([y1, y2], 2), *end], [y, *full], names), 1e-5)
+    error = worst_error(checks.relative_errors([torch.cat([y1, y2], 2), *end], [y, *full], names), 1e-5)
     return {"case": f"{op} fp32 two carried halves == one pass", "ok": error is None, "error": error}
 
 
