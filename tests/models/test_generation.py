@@ -21,8 +21,10 @@ PROMPT, STEPS = 5, 11  # window 8 below: decoding runs inside the window, then s
 
 
 def tiny(*overrides: str):
+    """A smoke-size model; the paper's fast weight layer (`model=fwm`) unless the overrides name a model."""
     torch.manual_seed(0)
-    cfg = compose_config("debug=smoke", "model.dropout=0", *overrides)
+    family = () if any(o.startswith("model=") for o in overrides) else ("model=fwm",)
+    cfg = compose_config("debug=smoke", "model.dropout=0", *family, *overrides)
     return build_model(cfg, VOCAB).double().eval()
 
 

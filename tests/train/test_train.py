@@ -205,7 +205,7 @@ def test_wandb_offline_run_and_resume_keeps_run_id(tmp_path):
 
 def test_multirun_sweep_writes_summary(tmp_path):
     """`lmtool-train -m` runs one job per combination, each in its own directory, and writes a summary table."""
-    proc = run_cli(["lmtool-train", "-m", *QUICK, "trainer.max_steps=2", "update_rule=sum,delta",
+    proc = run_cli(["lmtool-train", "-m", *QUICK, "trainer.max_steps=2", "model=fwm", "update_rule=sum,delta",
                     "hydra.sweep.dir=sweep"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     sweep = tmp_path / "sweep"
