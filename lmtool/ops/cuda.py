@@ -40,7 +40,6 @@ The forms record what actually ran (``lmtool.ops.registry.used_impls``).
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from types import ModuleType
 
@@ -71,7 +70,6 @@ DEFAULT_CHECKPOINT_EVERY = 64  # the backward reloads S every C tokens instead o
 PRIORITY = 20  # above "chunk" (10): impl="auto" picks the kernels on CUDA devices
 SELF_CHECK_SHAPE = (1, 2, 21, 8)  # B, H, L and checkpoint_every of the self-check: L is not a multiple of C
 
-_warned: set[str] = set()
 
 
 def build_extension(verbose: bool = False) -> ModuleType:
@@ -89,21 +87,16 @@ def unavailable_reason() -> str | None:
     return EXTENSION.reason
 
 
-def _warn_once(key: str, message: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
-
 
 def _kernels_for(q: torch.Tensor, tensors: list[torch.Tensor | None]) -> ModuleType | None:
     """The extension if it handles these inputs, else None (the caller runs the chunk form)."""
     if q.numel() == 0 or tensors[2].numel() == 0:  # nothing to scan (B, H, Dk or Dv is 0)
         return None
     if any(t is not None and t.dtype == torch.float64 for t in tensors):
-        _warn_once("float64", "lmtool: the CUDA kernels compute in float32; float64 inputs use impl='chunk'")
+        EXTENSION.warn_once("float64", "lmtool: the CUDA kernels compute in float32; float64 inputs use impl='chunk'")
         return None
     if q.shape[-1] > MAX_DK:
-        _warn_once("dk", f"lmtool: the CUDA kernels support Dk <= {MAX_DK}; larger keys use impl='chunk'")
+        EXTENSION.warn_once("dk", f"lmtool: the CUDA kernels support Dk <= {MAX_DK}; larger keys use impl='chunk'")
         return None
     return load_extension()
 

@@ -201,6 +201,14 @@ class NativeExtension:
             self._verdicts.clear()
             self._warned.clear()
 
+    def warn_once(self, key: str, message: str) -> None:
+        """Warn ONCE per key: a reason why the torch form runs instead of this extension's kernels."""
+        with self._lock:
+            if key in self._warned:
+                return
+            self._warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
     # -- trust after proof ---------------------------------------------------------------------------
 
     def trusted(self, kernel: str, self_check: Callable[[], None], *, strict: bool) -> bool:

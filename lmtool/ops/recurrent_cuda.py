@@ -25,7 +25,6 @@ of where they belong).
 
 from __future__ import annotations
 
-import warnings
 from types import ModuleType
 
 import torch
@@ -58,13 +57,7 @@ MAX_D = 64  # kernels/recurrent_scan.h: kRecMaxD
 DEFAULT_CHECKPOINT_EVERY = 64
 SELF_CHECK_SHAPE = (1, 2, 21, 8)  # B, H, L and checkpoint_every of the self-check: L is not a multiple of C
 
-_warned: set[str] = set()
 
-
-def _warn_once(key: str, message: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
 class _RNNScan(torch.autograd.Function):
@@ -228,10 +221,10 @@ def _kernels_for(op: str, inputs: list[torch.Tensor], initial_state) -> ModuleTy
     if any(t.numel() == 0 for t in inputs):
         return None
     if any(t.dtype == torch.float64 for t in [*inputs, *(initial_state or ())]):
-        _warn_once("float64", "lmtool: the recurrent CUDA kernels compute in float32; float64 uses the torch form")
+        EXTENSION.warn_once("float64", "lmtool: the recurrent CUDA kernels compute in float32; float64 uses torch")
         return None
     if head_width(op, x) > MAX_D:
-        _warn_once("d", f"lmtool: the recurrent CUDA kernels support d_head <= {MAX_D}; wider heads use the torch form")
+        EXTENSION.warn_once("d", f"lmtool: the recurrent CUDA kernels support d_head <= {MAX_D}; wider heads use torch")
         return None
     return EXTENSION.load()
 

@@ -106,6 +106,6 @@ def recurrent_kernels_on_emulation(recurrent_emulated_extension, monkeypatch):
     from lmtool.ops import recurrent_cuda
 
     recurrent_cuda.EXTENSION.use(recurrent_emulated_extension)
-    monkeypatch.setattr(recurrent_cuda, "_warned", set())
+    monkeypatch.setattr(recurrent_cuda.EXTENSION, "_warned", set())
     yield recurrent_emulated_extension
     recurrent_cuda.EXTENSION.reset()

@@ -37,7 +37,7 @@ has_gpu_kernels = torch.cuda.is_available() and cuda.runs_on(torch.device("cuda"
 def fresh_loader(monkeypatch):
     """A loader that has not been tried yet and no fallback warnings given yet (forgotten afterwards)."""
     cuda.EXTENSION.reset()
-    monkeypatch.setattr(cuda, "_warned", set())
+    monkeypatch.setattr(cuda.EXTENSION, "_warned", set())
     yield cuda
     cuda.EXTENSION.reset()
 

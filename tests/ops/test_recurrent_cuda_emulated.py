@@ -160,7 +160,7 @@ def test_correct_kernels_pass_the_self_check_once_and_are_recorded(recurrent_ker
 @pytest.mark.parametrize("op", OPS)
 def test_float64_and_wide_heads_use_the_torch_form(monkeypatch, op):
     """float64 inputs and d_head > 64 run the torch form with one warning each, without building anything."""
-    monkeypatch.setattr(recurrent_cuda, "_warned", set())
+    monkeypatch.setattr(recurrent_cuda.EXTENSION, "_warned", set())
     monkeypatch.setattr(recurrent_cuda.EXTENSION, "load", lambda: pytest.fail("must not build for these inputs"))
     for p in (random_scan_problem(op, 1, 1, 3, 4).to(torch.float64), random_scan_problem(op, 1, 1, 2, 65)):
         with warnings.catch_warnings(record=True) as record:
