@@ -29,10 +29,11 @@ PTB_VOCAB = 10_000
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
-    """Every job directory (one with .hydra/overrides.yaml) at most two levels below `sweep_dir`."""
+    """Every job directory (one with .hydra/overrides.yaml) at most two levels below `sweep_dir`, in job order
+    (Hydra numbers a sweep's jobs 0, 1, ..., 10: sorted as numbers, not as text)."""
     found = [p.parent.parent for p in sweep_dir.glob("*/.hydra/overrides.yaml")]
     found += [p.parent.parent for p in sweep_dir.glob("*/*/.hydra/overrides.yaml")]
-    return sorted(found)
+    return sorted(found, key=lambda p: (str(p.parent), p.name.zfill(8)))
 
 
 def parameters(run_dir: Path) -> int:

@@ -19,6 +19,8 @@ from lmtool.train.metrics import read_history
 
 X_AXES = {"step": "training step", "tokens": "training tokens", "time": "wall time (minutes)"}
 SPLITS = ("train", "valid")
+LEGEND_INSIDE_MAX = 8  # runs whose legend still fits inside a panel without hiding the curves
+LINE_STYLES = ("-", "--", ":", "-.")
 
 
 @dataclass
@@ -108,16 +110,19 @@ def plot_runs(runs: list[Run], out: Path, *, x: str = "step", splits: tuple[str,
 
     metrics = {r.metric for r in runs}
     metric = metrics.pop() if len(metrics) == 1 else "ppl"
-    fig, axes = plt.subplots(1, len(splits), figsize=(6 * len(splits), 4.2), squeeze=False)
+    many = len(runs) > LEGEND_INSIDE_MAX  # a long legend goes beside the panel instead of over the curves
+    fig, axes = plt.subplots(1, len(splits), figsize=((6 + 3 * many) * len(splits), 4.2), squeeze=False)
     skipped = set()
     for ax, split in zip(axes[0], splits, strict=True):
-        for run in runs:
+        for i, run in enumerate(runs):
             xs, ys = run.curve(split, x)
             if not xs:
                 if run.curve(split, "step")[0]:  # rows, but without this axis (a run from before it was logged)
                     skipped.add(run.label)
                 continue
-            ax.plot(xs, ys, marker="." if len(xs) < 30 else None, label=run.label)
+            # matplotlib's 10 colours repeat; each further ten runs get the next line style so no two runs look alike
+            ax.plot(xs, ys, marker="." if len(xs) < 30 else None, label=run.label, color=f"C{i % 10}",
+                    linestyle=LINE_STYLES[i // 10 % len(LINE_STYLES)])
         ax.set_xlabel(X_AXES[x])
         ax.set_ylabel("perplexity" if metric == "ppl" else "bits per character")
         if metric == "ppl":
@@ -125,9 +130,9 @@ def plot_runs(runs: list[Run], out: Path, *, x: str = "step", splits: tuple[str,
         ax.set_title(split)
         ax.grid(True, which="both", alpha=0.3)
         if ax.lines:
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, **({"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)} if many else {}))
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return sorted(skipped)

@@ -26,3 +26,18 @@ def test_benchmark_tables_every_family(tmp_path):
     assert "| 0 |" in rows["ptb_lstm"]  # no unfinished job
     assert (bench / "benchmark.png").stat().st_size > 0
     assert len(list(bench.glob("*/*/metrics.jsonl"))) == 3
+
+
+def test_table_lists_jobs_in_sweep_order(tmp_path):
+    """Job 10 comes after job 9, not after job 1, so families keep the order of the sweep's experiment list."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ptb_benchmark_table", SCRIPT.with_name("ptb_benchmark_table.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for part, count in (("2021", 12), ("later", 3)):
+        for job in range(count):
+            (tmp_path / part / str(job) / ".hydra").mkdir(parents=True)
+            (tmp_path / part / str(job) / ".hydra" / "overrides.yaml").write_text("[]\n")
+    names = [f"{p.parent.name}/{p.name}" for p in module.job_dirs(tmp_path)]
+    assert names == [f"2021/{j}" for j in range(12)] + [f"later/{j}" for j in range(3)]
