@@ -100,6 +100,12 @@ def load_runs(paths: list[Path]) -> list[Run]:
     return runs
 
 
+def line_look(i: int) -> dict:
+    """Colour and line style of the i-th run: matplotlib's 10 colours, then the same colours with the next line
+    style for each further ten runs, so that 40 runs look all different."""
+    return {"color": f"C{i % 10}", "linestyle": LINE_STYLES[i // 10 % len(LINE_STYLES)]}
+
+
 def plot_runs(runs: list[Run], out: Path, *, x: str = "step", splits: tuple[str, ...] = SPLITS) -> list[str]:
     """Draw one panel per split with one line per run into `out` (PNG); returns the labels of the runs left out
     because their history has no such x axis (runs from before lmtool logged it)."""
@@ -120,9 +126,7 @@ def plot_runs(runs: list[Run], out: Path, *, x: str = "step", splits: tuple[str,
                 if run.curve(split, "step")[0]:  # rows, but without this axis (a run from before it was logged)
                     skipped.add(run.label)
                 continue
-            # matplotlib's 10 colours repeat; each further ten runs get the next line style so no two runs look alike
-            ax.plot(xs, ys, marker="." if len(xs) < 30 else None, label=run.label, color=f"C{i % 10}",
-                    linestyle=LINE_STYLES[i // 10 % len(LINE_STYLES)])
+            ax.plot(xs, ys, marker="." if len(xs) < 30 else None, label=run.label, **line_look(i))
         ax.set_xlabel(X_AXES[x])
         ax.set_ylabel("perplexity" if metric == "ppl" else "bits per character")
         if metric == "ppl":
