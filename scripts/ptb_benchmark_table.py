@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from lmtool.models.build import build_model  # noqa: E402
+from lmtool.train.curves import job_order  # noqa: E402
 from lmtool.train.metrics import read_history  # noqa: E402
 from lmtool.train.sweep import job_summary  # noqa: E402
 
@@ -29,11 +30,11 @@ PTB_VOCAB = 10_000
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
-    """Every job directory (one with .hydra/overrides.yaml) at most two levels below `sweep_dir`, in job order
-    (Hydra numbers a sweep's jobs 0, 1, ..., 10: sorted as numbers, not as text)."""
+    """Every job directory (one with .hydra/overrides.yaml) at most two levels below `sweep_dir`, each sweep's
+    jobs in Hydra's numeric order."""
     found = [p.parent.parent for p in sweep_dir.glob("*/.hydra/overrides.yaml")]
     found += [p.parent.parent for p in sweep_dir.glob("*/*/.hydra/overrides.yaml")]
-    return sorted(found, key=lambda p: (str(p.parent), p.name.zfill(8)))
+    return sorted(found, key=lambda p: (str(p.parent), job_order(p)))
 
 
 def parameters(run_dir: Path) -> int:

@@ -23,6 +23,11 @@ LEGEND_INSIDE_MAX = 8  # runs whose legend still fits inside a panel without hid
 LINE_STYLES = ("-", "--", ":", "-.")
 
 
+def job_order(job_dir: Path) -> str:
+    """Sort key of a sweep's job directories: Hydra numbers them 0, 1, ..., 10, so by number, not as text."""
+    return job_dir.name.zfill(8)
+
+
 @dataclass
 class Run:
     """One run directory: its label and its history (one row per step and split, see `read_history`)."""
@@ -71,7 +76,7 @@ def find_runs(paths: list[Path]) -> list[Path]:
         jobs = [p for p in path.iterdir() if (p / "metrics.jsonl").is_file()]
         if not jobs:
             raise SystemExit(f"lmtool-plot: {path} holds no metrics.jsonl, nor do its sub-directories")
-        runs += sorted(jobs, key=lambda p: p.name.zfill(8))
+        runs += sorted(jobs, key=job_order)
     return runs
 
 

@@ -11,7 +11,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from lmtool.train.curves import load_runs, plot_runs
+from lmtool.train.curves import job_order, load_runs, plot_runs
 from lmtool.train.metrics import read_history
 from lmtool.train.rundir import replaced
 
@@ -46,7 +46,7 @@ def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
 
     Each file is replaced whole, so a reader never sees half a table.
     """
-    jobs = sorted((p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir()), key=lambda p: p.name.zfill(8))
+    jobs = sorted((p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir()), key=job_order)
     rows = [job_summary(p) for p in jobs]
     columns = list(dict.fromkeys(key for row in rows for key in row))
     with replaced(sweep_dir / "summary.csv", binary=False) as f:

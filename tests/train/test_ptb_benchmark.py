@@ -8,6 +8,8 @@ import re
 import subprocess
 from pathlib import Path
 
+from tests.helpers import load_script
+
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "ptb_benchmark.sh"
 SUBSET = {"MODELS_2021": "ptb_delta_network", "SEEDS_2021": "1,2", "MODELS_LATER": "ptb_lstm"}  # 3 smoke jobs
 
@@ -30,11 +32,7 @@ def test_benchmark_tables_every_family(tmp_path):
 
 def test_table_lists_jobs_in_sweep_order(tmp_path):
     """Job 10 comes after job 9, not after job 1, so families keep the order of the sweep's experiment list."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("ptb_benchmark_table", SCRIPT.with_name("ptb_benchmark_table.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("ptb_benchmark_table")
     for part, count in (("2021", 12), ("later", 3)):
         for job in range(count):
             (tmp_path / part / str(job) / ".hydra").mkdir(parents=True)
